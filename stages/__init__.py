@@ -1,0 +1,1 @@
+"""DVC stage entry points (`python -m stages.<name>`); shared modules live in `stages.lib`."""

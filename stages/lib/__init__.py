@@ -1,0 +1,1 @@
+"""Modules shared by the stages: one concern each (params, data, splits, models, ...)."""

@@ -1,0 +1,126 @@
+"""MLflow tracking shared by every stage: one run per stage invocation.
+
+Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db, artifacts under
+<repo root>/mlartifacts. The repo root is $DVC_ROOT (set by DVC, and pointing at the
+main repository even for queued experiments run in a temporary folder), else the git
+top level, else the current directory. Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10'.
+"""
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from stages.lib.cli import UserError, log
+
+DEFAULT_EXPERIMENT = "simclr-cifar10"
+
+
+def repo_root():
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return Path(_git("rev-parse", "--show-toplevel") or ".").resolve()
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def tracking_uri():
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def flatten(params, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _retry(action, what, attempts=8):
+    """Run action(), retrying briefly when a shared SQLite store is busy."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - narrowed below
+            if "locked" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError(what)
+
+
+def _experiment_id(mlflow, uri):
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    try:
+        experiment = _retry(lambda: mlflow.get_experiment_by_name(name), "read experiment")
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith("sqlite:") or "://" not in uri:
+            location = (repo_root() / "mlartifacts").as_uri()
+        return _retry(lambda: mlflow.create_experiment(name, artifact_location=location), "create experiment")
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
+        if "already exists" in str(error):  # another process created it first
+            return mlflow.get_experiment_by_name(name).experiment_id
+        raise UserError(
+            f"MLflow tracking store {uri} is not usable ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "start the server or fix MLFLOW_TRACKING_URI (unset it to use the local sqlite store)"
+        ) from None
+
+
+class Run:
+    """Thin wrapper over the active MLflow run."""
+
+    def __init__(self, mlflow, run_id):
+        self._mlflow, self.run_id = mlflow, run_id
+
+    def log_metrics(self, metrics, step=None):
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        _retry(lambda: self._mlflow.log_metrics(values, step=step), "log metrics")
+
+    def log_artifact(self, path, folder=None):
+        self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_artifacts(self, path, folder=None):
+        self._mlflow.log_artifacts(str(path), artifact_path=folder)
+
+
+def connect():
+    """Check the tracking store before any work starts; return the mlflow module."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=_experiment_id(mlflow, uri))
+    return mlflow
+
+
+@contextlib.contextmanager
+def stage_run(stage, params, run_name=None, tags=None):
+    """Open an MLflow run for one stage invocation, logging its params and standard tags."""
+    mlflow = connect()
+    all_tags = {
+        "dvc.stage": os.environ.get("DVC_STAGE", stage),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "git.commit": _git("rev-parse", "HEAD") or "unknown",
+        **(tags or {}),
+    }
+    run = _retry(lambda: mlflow.start_run(run_name=run_name or stage, tags=all_tags), "start run")
+    with run:
+        flat = {k: str(v) for k, v in flatten(params).items()}
+        _retry(lambda: mlflow.log_params(flat), "log params")
+        log(f"{stage}: MLflow run {run.info.run_id} in {tracking_uri()}")
+        yield Run(mlflow, run.info.run_id)

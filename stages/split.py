@@ -1,0 +1,31 @@
+"""DVC stage `split`: the validation indices and, for every fraction, the nested labeled
+training indices (stratified, seeded, disjoint from validation)."""
+from stages.lib import cifar, params, splits, tracking
+from stages.lib.cli import log, run_stage
+from stages.lib.io import atomic_path
+
+
+def add_arguments(parser):
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--data", required=True, help="prepared data directory")
+    parser.add_argument("--out", required=True, help="output directory of the index files")
+
+
+def run(args):
+    p = params.load(args.params, "seed", "fraction", "data")
+    _, y = cifar.load_prepared(args.data, "train")
+    val, labeled = splits.make_splits(y, p["data"]["val_size"], p["fraction"], p["seed"])
+    with tracking.stage_run("split", p) as run:
+        with atomic_path(args.out) as tmp:
+            splits.save_splits(tmp, val, labeled)
+        run.log_metrics({"val_images": len(val), **{f"labeled_{splits.fraction_key(f)}": len(i) for f, i in labeled.items()}})
+    sizes = ", ".join(f"{splits.fraction_key(f)}: {len(i)}" for f, i in labeled.items())
+    log(f"split: validation {len(val)}, labeled {sizes} -> {args.out}")
+
+
+def main(argv=None):
+    run_stage("split", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Shared test helpers: synthetic CIFAR-like data (no ../shared needed) and an isolated MLflow store."""
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.lib.cifar import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path, monkeypatch):
+    """Every test gets its own MLflow store, never the repository's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return tmp_path / "mlflow.db"
+
+
+def synthetic_images(n_per_class, seed=0):
+    """Images whose class is visible (a class-specific colour and stripe), so models can learn them."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(len(CLASSES)):
+        base = np.zeros((32, 32, 3), dtype=np.float32)
+        base[..., label % 3] = 80 + 17 * label
+        base[:, (3 * label) % 32 : (3 * label) % 32 + 3, :] = 255
+        for _ in range(n_per_class):
+            noise = rng.normal(0, 20, size=(32, 32, 3))
+            images.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tree(root, n_train=6, n_test=3, top="cifar10"):
+    """Write an ImageFolder tree root/top/{train,test}/<class>/NNNN.png; return the arrays."""
+    arrays = {"train": synthetic_images(n_train, seed=1), "test": synthetic_images(n_test, seed=2)}
+    for split, (x, y) in arrays.items():
+        for i, (image, label) in enumerate(zip(x, y)):
+            path = Path(root) / top / split / CLASSES[label] / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png_bytes(image))
+    return arrays
+
+
+def make_archive(tree_root, out_path):
+    """Pack tree_root's content into a .tar.gz, .tar or .zip (by out_path's suffix)."""
+    out_path = Path(out_path)
+    if out_path.suffix == ".zip":
+        with zipfile.ZipFile(out_path, "w") as archive:
+            for path in sorted(Path(tree_root).rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(tree_root).as_posix())
+    else:
+        mode = "w:gz" if out_path.name.endswith(".gz") else "w"
+        with tarfile.open(out_path, mode) as archive:
+            for child in sorted(Path(tree_root).iterdir()):
+                archive.add(child, arcname=child.name)
+    return out_path
+
+
+@pytest.fixture
+def synthetic_archive(tmp_path):
+    """A .tar.gz of a small synthetic CIFAR-10 tree (10 classes x 30 train, x 10 test)."""
+    write_tree(tmp_path / "tree", n_train=30, n_test=10)
+    return make_archive(tmp_path / "tree", tmp_path / "cifar.tar.gz")
+
+
+def run_module(module, *args, cwd=REPO, env=None, timeout=600):
+    """Run `python -m module args` and return the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def copy_project(dest):
+    """Copy the project's code and pipeline (not its data or stores) into dest."""
+    dest = Path(dest)
+    shutil.copytree(REPO / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, dest / name)
+    return dest
+
+
+def write_params(path, **overrides):
+    """Write the repository's params.yaml to path with dotted-key overrides (data__limit=... or 'data.limit')."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        keys = dotted.replace("__", ".").split(".")
+        node = params
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    Path(path).write_text(yaml.safe_dump(params, sort_keys=False))
+    return Path(path)
