@@ -145,6 +145,27 @@ SCHEMA = {
         "hue": between(0, 0.5),
         "grayscale_p": probability(),
     },
+    "finetune": {
+        "modes": name_list("baseline", "ssl", "linear"),
+        "seeds": number_list(integer(0), "an integer >= 0"),
+        "max_epochs": integer(1),
+        "patience": integer(1),
+        "batch_size": integer(1),
+        "lr": positive(),
+        "momentum": between(0, 0.999),
+        "weight_decay": non_negative(),
+        "warmup_epochs": integer(0),
+        "label_smoothing": between(0, 0.99),
+        "equal_steps": boolean(),
+        "crop_padding": integer(0),
+        "flip_p": probability(),
+        "compile": boolean(),
+    },
+    "evaluate": {
+        "convergence_tolerance": non_negative(),
+        "bootstrap_samples": integer(100),
+        "confidence": open_unit(),
+    },
 }
 
 
