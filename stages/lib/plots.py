@@ -1,0 +1,211 @@
+"""Figures of the evaluate stage. Each function writes one PNG atomically (Agg backend).
+
+Shared inputs:
+- a "cell" is a dict with `mode` (str), `fraction` (float in (0, 1]) and, as needed,
+  `seed` (int), `curve` ({column: sequence over epochs 1..E}) or `confusion` (C x C counts);
+- `summary` is {mode: {key: {"fraction", "accuracy", "convergence_epoch", ... [, "<name>_std"]}}};
+- `comparison` is {key: {"fraction", "difference", "ci_low", "ci_high", "mcnemar_p", ...}, ...}.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+from stages.lib.io import atomic_path  # noqa: E402
+
+MODE_COLOURS = {"baseline": "tab:blue", "ssl": "tab:orange", "linear": "tab:green"}
+OTHER_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+LINE_STYLES = ("-", "--", ":", "-.")
+DPI = 110
+
+
+def mode_order(modes):
+    """Modes in reading order: baseline, ssl, linear, then any others alphabetically."""
+    known = [m for m in MODE_COLOURS if m in modes]
+    return known + sorted(set(modes) - set(known))
+
+
+def _colour(mode, modes):
+    if mode in MODE_COLOURS:
+        return MODE_COLOURS[mode]
+    others = [m for m in mode_order(modes) if m not in MODE_COLOURS]
+    return OTHER_COLOURS[others.index(mode) % len(OTHER_COLOURS)]
+
+
+def percent(fraction):
+    """1.0 -> '100%', 0.1 -> '10%', 0.025 -> '2.5%'."""
+    return f"{fraction * 100:g}%"
+
+
+def _save(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sample_grid(x, y, classes, path, per_class=8, *, seed):
+    """A grid of training images: one row per class (name on the left), `per_class` columns.
+
+    x: uint8 (N, H, W, 3); y: int (N,); classes: names by label; seed picks the images.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = x.shape[1:3]
+    pad = 2
+    mosaic = np.full((len(classes) * (height + pad) + pad, per_class * (width + pad) + pad, 3), 255, np.uint8)
+    for row in range(len(classes)):
+        members = np.flatnonzero(y == row)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        for col, index in enumerate(chosen):
+            top, left = pad + row * (height + pad), pad + col * (width + pad)
+            mosaic[top : top + height, left : left + width] = x[index]
+    fig, ax = plt.subplots(figsize=(1.0 * per_class + 1.6, 1.0 * len(classes) + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([pad + r * (height + pad) + height / 2 for r in range(len(classes))])
+    ax.set_yticklabels(classes, fontsize=11)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(f"Training images, {per_class} random per class", fontsize=12)
+    _save(fig, path)
+
+
+def _style_maps(cells):
+    modes = sorted({c["mode"] for c in cells})
+    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
+    styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(fractions)}
+    return modes, styles
+
+
+def curves(cells, column, ylabel, path):
+    """One line per cell of `column` over epochs (colour = mode, line style = fraction)."""
+    modes, styles = _style_maps(cells)
+    several_seeds = len({c.get("seed") for c in cells}) > 1
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ordered = sorted(cells, key=lambda c: (mode_order(modes).index(c["mode"]), -c["fraction"], c.get("seed", 0)))
+    for cell in ordered:
+        values = np.asarray(cell["curve"][column], dtype=float)
+        label = f"{cell['mode']}, N = {percent(cell['fraction'])}"
+        if several_seeds:
+            label += f", seed {cell['seed']}"
+        ax.plot(np.arange(1, len(values) + 1), values, color=_colour(cell["mode"], modes),
+                linestyle=styles[cell["fraction"]], marker=".", label=label)
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(cells) > 6 else 1)
+    _save(fig, path)
+
+
+def _grouped(summary):
+    """(modes in order, sorted keys by descending fraction, {key: fraction})."""
+    fractions = {k: entry["fraction"] for cells in summary.values() for k, entry in cells.items()}
+    keys = sorted(fractions, key=lambda k: -fractions[k])
+    return mode_order(list(summary)), keys, fractions
+
+
+def convergence_bars(summary, path):
+    """Epochs to convergence per cell: groups by N, one bar per mode (std as error bar)."""
+    modes, keys, fractions = _grouped(summary)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys) + 2), 4.5))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j, k in enumerate(keys) if k in summary[mode]]
+        entries = [summary[mode][k] for k in keys if k in summary[mode]]
+        heights = [e["convergence_epoch"] for e in entries]
+        errors = [e.get("convergence_epoch_std", 0) for e in entries]
+        bars = ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=3,
+                      color=_colour(mode, modes), label=mode)
+        ax.bar_label(bars, labels=[f"{h:g}" for h in heights], fontsize=8, padding=2)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"N = {percent(fractions[k])}" for k in keys])
+    ax.set_ylabel("Epochs to convergence")
+    ax.set_title("Epochs until validation accuracy is within tolerance of its best")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def gain_with_ci(comparison, path):
+    """SSL minus baseline test accuracy per N, in points, with the bootstrap interval."""
+    rows = sorted((e for e in comparison.values() if isinstance(e, dict) and "difference" in e),
+                  key=lambda e: -e["fraction"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
+    if not rows:
+        ax.text(0.5, 0.5, "No SSL / baseline pair to compare", ha="center", va="center", fontsize=13)
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    gains = np.array([100 * e["difference"] for e in rows])
+    low = gains - np.array([100 * e["ci_low"] for e in rows])
+    high = np.array([100 * e["ci_high"] for e in rows]) - gains
+    colours = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+    ax.bar(range(len(rows)), gains, 0.6, yerr=[low, high], capsize=6, color=colours, alpha=0.8)
+    for i, (gain, entry) in enumerate(zip(gains, rows)):
+        ax.annotate(f"{gain:+.1f}\np = {entry['mcnemar_p']:.2g}", (i, gain), xytext=(14, 0),
+                    textcoords="offset points", fontsize=8, va="center")
+    ax.axhline(0, color="black", linewidth=1)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"N = {percent(e['fraction'])}" for e in rows])
+    ax.set_ylabel("SSL - baseline test accuracy [points]")
+    confidence = rows[0].get("confidence")
+    level = f"{confidence * 100:g}% " if confidence else ""
+    ax.set_title(f"SSL gain over the baseline, with {level}bootstrap confidence interval")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def accuracy_vs_fraction(summary, path):
+    """Test accuracy (%) against label fraction on a log axis, one line per mode."""
+    modes, keys, fractions = _grouped(summary)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in modes:
+        ks = sorted(summary[mode], key=lambda k: fractions[k])
+        xs = [fractions[k] for k in ks]
+        ys = [100 * summary[mode][k]["accuracy"] for k in ks]
+        errors = [100 * summary[mode][k].get("accuracy_std", 0) for k in ks]
+        ax.errorbar(xs, ys, yerr=errors if any(errors) else None, marker="o", capsize=4,
+                    color=_colour(mode, modes), label=mode)
+    ax.set_xscale("log")
+    ticks = sorted(set(fractions.values()))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([percent(f) for f in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("Labeled fraction N of the training set (log scale)")
+    ax.set_ylabel("Test accuracy [%]")
+    ax.set_title("Test accuracy vs label fraction")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def confusion_matrices(cells, classes, path):
+    """Row-normalised confusion matrices in a grid: a row of panels per mode, a column per N."""
+    modes = mode_order({c["mode"] for c in cells})
+    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
+    fig, axes = plt.subplots(len(modes), len(fractions), squeeze=False,
+                             figsize=(4.3 * len(fractions) + 1, 4.3 * len(modes)))
+    image = None
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for cell in cells:
+        ax = axes[modes.index(cell["mode"]), fractions.index(cell["fraction"])]
+        counts = np.asarray(cell["confusion"], dtype=float)
+        rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+        ax.set_axis_on()
+        ticks = range(len(classes))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(classes, rotation=90, fontsize=7)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(classes, fontsize=7)
+        accuracy = np.trace(counts) / max(counts.sum(), 1)
+        ax.set_title(f"{cell['mode']}, N = {percent(cell['fraction'])} (acc {100 * accuracy:.1f}%)", fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true class")
+    fig.suptitle("Test-set confusion matrices (rows normalised)", fontsize=12)
+    _save(fig, path)

@@ -1,0 +1,206 @@
+"""The study's markdown report (metrics/report.md), built only from the evaluate stage's inputs.
+
+Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
+{key: entry, "label_efficiency": {...}}, the data `meta`, the `devices` per mode, the
+`settings` (params section `evaluate`), optional SimCLR `pretrain` metrics and figure links.
+Accuracies are fractions in the inputs and percentages in the text.
+"""
+from stages.lib.plots import mode_order, percent
+
+# Reference numbers reported by the seed project this study grew from (test accuracy, all
+# other numbers of it are unknown); shown beside ours, never used in any computation.
+SEED_PROJECT = {1.0: {"baseline": 0.714, "ssl": 0.396}, 0.1: {"baseline": 0.507, "ssl": 0.343}}
+NOT_REPORTED = "not reported"
+NOT_RUN = "not run"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(entry, name):
+    """'85.3%' or, with several seeds, '85.3 ± 0.4%'."""
+    if entry is None or entry.get(name) is None:
+        return NOT_RUN
+    if f"{name}_std" in entry:
+        return f"{100 * entry[name]:.1f} ± {100 * entry[f'{name}_std']:.1f}%"
+    return f"{100 * entry[name]:.1f}%"
+
+
+def _num(entry, name, digits=0):
+    if entry is None or entry.get(name) is None:
+        return NOT_RUN
+    value = f"{entry[name]:.{digits}f}"
+    return f"{value} ± {entry[f'{name}_std']:.{digits}f}" if f"{name}_std" in entry else value
+
+
+def _keys(summary):
+    """All fraction keys, largest fraction first, with {key: fraction}."""
+    fractions = {k: e["fraction"] for cells in summary.values() for k, e in cells.items()}
+    return sorted(fractions, key=lambda k: -fractions[k]), fractions
+
+
+def experiments_section(summary):
+    rows = []
+    for mode in mode_order(list(summary)):
+        for key in sorted(summary[mode], key=lambda k: -summary[mode][k]["fraction"]):
+            e = summary[mode][key]
+            rows.append([mode, percent(e["fraction"]), _num(e, "labeled_images"), _pct(e, "accuracy"),
+                         _pct(e, "precision"), _pct(e, "recall"), _pct(e, "f1"),
+                         _num(e, "convergence_epoch", 1 if "convergence_epoch_std" in e else 0),
+                         _num(e, "best_epoch", 1 if "best_epoch_std" in e else 0), _num(e, "seconds", 1)])
+    header = ["Mode", "N", "Labeled images", "Accuracy", "Precision (macro)", "Recall (macro)", "F1 (macro)",
+              "Convergence epoch", "Best epoch", "Seconds"]
+    return "## Metrics comparison per experiment\n\n" + _table(header, rows)
+
+
+def performance_section(summary):
+    modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
+    rows = [[percent(fractions[k])] + [_pct(summary[m].get(k), "accuracy") for m in modes] for k in keys]
+    return "## Performance summary\n\nTest accuracy per label fraction N.\n\n" + _table(
+        ["N"] + [f"{m} accuracy" for m in modes], rows)
+
+
+def _pairs(comparison):
+    entries = [(k, e) for k, e in comparison.items() if isinstance(e, dict) and "difference" in e]
+    return sorted(entries, key=lambda item: -item[1]["fraction"])
+
+
+def _verdict(pairs):
+    groups = {"SSL is significantly better": [], "the baseline is significantly better": [],
+              "the difference is not significant": []}
+    for _, e in pairs:
+        if not e["significant"]:
+            groups["the difference is not significant"].append(percent(e["fraction"]))
+        elif e["difference"] > 0:
+            groups["SSL is significantly better"].append(percent(e["fraction"]))
+        else:
+            groups["the baseline is significantly better"].append(percent(e["fraction"]))
+    parts = [f"{text} at N = {', '.join(ns)}" for text, ns in groups.items() if ns]
+    return "In short: " + "; ".join(parts) + "."
+
+
+def improvement_section(comparison, settings):
+    pairs = _pairs(comparison)
+    title = "## Improvement analysis\n\n"
+    if not pairs:
+        return title + comparison.get("note", "No SSL / baseline pair to compare.")
+    level = f"{settings['confidence'] * 100:g}%"
+    alpha = f"{1 - settings['confidence']:.2g}"
+    rows = []
+    for _, e in pairs:
+        relative = NOT_RUN if e["relative"] is None else f"{100 * e['relative']:+.1f}%"
+        rows.append([percent(e["fraction"]), f"{100 * e['baseline_accuracy']:.1f}%", f"{100 * e['ssl_accuracy']:.1f}%",
+                     f"{100 * e['difference']:+.1f}", relative,
+                     f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]", f"{e['mcnemar_p']:.3g}",
+                     "yes" if e["significant"] else "no"])
+    header = ["N", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
+              "McNemar p", f"Significant (p < {alpha})"]
+    text = (f"SSL minus baseline test accuracy on the same test images. The interval is a paired "
+            f"percentile bootstrap over test images ({settings['bootstrap_samples']} resamples); McNemar's "
+            f"test compares the paired correct/wrong answers (exact binomial below 25 discordant pairs). "
+            f"With several seeds the paired predictions of all seeds are pooled.\n\n")
+    return title + text + _table(header, rows) + "\n\n" + _verdict(pairs)
+
+
+def convergence_section(summary, settings):
+    modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
+    rows = []
+    for k in keys:
+        row = [percent(fractions[k])]
+        for m in modes:
+            e = summary[m].get(k)
+            row.append(_num(e, "convergence_epoch", 1 if e and "convergence_epoch_std" in e else 0))
+        rows.append(row)
+    text = (f"Epochs to convergence: the first epoch whose validation accuracy is within "
+            f"{settings['convergence_tolerance']:g} points of the cell's best.\n\n")
+    return "## Convergence\n\n" + text + _table(["N"] + [f"{m} epochs" for m in modes], rows)
+
+
+def _ours(summary, mode, fraction, name):
+    for e in summary.get(mode, {}).values():
+        if abs(e["fraction"] - fraction) < 1e-9:
+            return e.get(name)
+    return None
+
+
+def _gain(values):
+    if any(v is None for v in values.values()) or set(values) != {"ssl", "baseline"}:
+        return NOT_RUN
+    return f"{100 * (values['ssl'] - values['baseline']):+.1f}"
+
+
+def seed_project_section(summary):
+    rows = []
+    for fraction, theirs in SEED_PROJECT.items():
+        ours = {m: _ours(summary, m, fraction, "accuracy") for m in ("baseline", "ssl")}
+        for mode in ("baseline", "ssl"):
+            f1 = _ours(summary, mode, fraction, "f1")
+            rows.append([percent(fraction), mode, f"{100 * theirs[mode]:.1f}%",
+                         NOT_RUN if ours[mode] is None else f"{100 * ours[mode]:.1f}%",
+                         NOT_REPORTED, NOT_RUN if f1 is None else f"{100 * f1:.1f}%"])
+        rows.append([percent(fraction), "SSL − baseline [points]",
+                     f"{100 * (theirs['ssl'] - theirs['baseline']):+.1f}", _gain(ours), NOT_REPORTED, ""])
+    header = ["N", "Mode", "Seed project accuracy", "Our accuracy", "Seed project F1 (macro)", "Our F1 (macro)"]
+    text = ("Test accuracy reported by the seed project this study grew from, beside ours. It reported only "
+            "these four accuracies; its N = 50% results, F1 scores and convergence are not reported.\n\n")
+    return "## Seed project vs this study\n\n" + text + _table(header, rows)
+
+
+def label_efficiency_section(comparison):
+    efficiency = comparison.get("label_efficiency")
+    if not efficiency:
+        return ""
+    return "## Label efficiency\n\n" + efficiency["note"]
+
+
+def pretrain_section(pretrain):
+    if not pretrain:
+        return ""
+    fields = [("Final NT-Xent loss", "loss", lambda v: f"{v:.4f}"),
+              ("kNN accuracy (test)", "knn_accuracy", lambda v: f"{100 * v:.1f}%"),
+              ("Epochs", "epochs", lambda v: f"{v:g}"), ("Seconds", "seconds", lambda v: f"{v:.0f}"),
+              ("Images per second", "images_per_second", lambda v: f"{v:,.0f}"), ("Device", "device", str)]
+    rows = [[label, NOT_REPORTED if pretrain.get(key) is None else fmt(pretrain[key])] for label, key, fmt in fields]
+    return "## SimCLR pretraining\n\n" + _table(["Quantity", "Value"], rows)
+
+
+def data_section(meta, devices):
+    counts = meta.get("counts", {})
+    lines = [f"- Data source: `{meta.get('source', NOT_REPORTED)}`",
+             f"- SHA-256 of the source: `{meta['sha256']}`" if meta.get("sha256")
+             else "- SHA-256 of the source: none recorded (not an archive file)"]
+    for split, per_class in counts.items():
+        lines.append(f"- {split} images: {sum(per_class.values())} in {len(per_class)} classes")
+    if "cifar10-jpeg" in str(meta.get("source", "")):
+        lines.append("- The images are a JPEG (quality 75) re-encoding of CIFAR-10, not the original PNG-exact "
+                     "pixels, so accuracies run a little below those on canonical CIFAR-10.")
+    for mode in mode_order(list(devices)):
+        lines.append(f"- Fine-tuning device ({mode}): {', '.join(devices[mode])}")
+    return "## Data and device\n\n" + "\n".join(lines)
+
+
+def figures_section(figures):
+    if not figures:
+        return ""
+    return "## Figures\n\n" + "\n\n".join(f"![{title}]({link})" for title, link in figures)
+
+
+def build(summary, comparison, meta, devices, settings, pretrain=None, figures=()):
+    """Return the report's markdown text. figures: [(title, link relative to the report)]."""
+    seeds = max((e.get("seeds", 1) for cells in summary.values() for e in cells.values()), default=1)
+    intro = ("SimCLR-pretrained (`ssl`) vs randomly initialised (`baseline`) ResNet fine-tuning on CIFAR-10 "
+             "at several label fractions N. All numbers are test-set results of the best-validation weights, "
+             "computed by the evaluate stage from the fine-tune outputs.")
+    if seeds > 1:
+        intro += " Where several seeds ran, values are mean ± standard deviation over seeds."
+    sections = [
+        "# SimCLR vs supervised baseline on CIFAR-10", intro,
+        experiments_section(summary), performance_section(summary),
+        improvement_section(comparison, settings), convergence_section(summary, settings),
+        seed_project_section(summary), label_efficiency_section(comparison), pretrain_section(pretrain),
+        data_section(meta, devices), figures_section(figures),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"

@@ -1,0 +1,101 @@
+"""SimCLR pretraining (Chen et al., 2020) as a task for `train.run_epochs`.
+
+All training images sit on the device as one uint8 tensor; a step indexes a batch,
+makes two augmented views on the device, and minimises NT-Xent on their projections.
+"""
+import time
+
+import torch
+from torch import nn
+
+from stages.lib import train
+from stages.lib.augment import SimCLRAugment
+from stages.lib.cli import log
+from stages.lib.knn import knn_accuracy
+from stages.lib.losses import nt_xent
+from stages.lib.models import ProjectionHead, ResNet
+
+AUGMENT_KEYS = ("crop_scale_min", "crop_ratio_max", "flip_p", "jitter_p", "brightness", "contrast",
+                "saturation", "hue", "grayscale_p")
+
+
+class SimCLR(nn.Module):
+    """Backbone + projection head: images (B, 3, H, W) -> projections (B, proj_dim)."""
+
+    def __init__(self, backbone, proj_hidden, proj_dim):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ProjectionHead(backbone.feature_dim, proj_hidden, proj_dim)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class PretrainTask:
+    """One SimCLR run. `monitor` holds the kNN images: (train_x, train_y, val_x, val_y) on the device."""
+
+    def __init__(self, images, monitor, p, arch, width, seed, device, on_epoch):
+        self.images, self.monitor, self.p, self.seed, self.device = images, monitor, p, seed, device
+        self.on_epoch = on_epoch  # callback(row): logging of each epoch's history row
+        self.batch = p["batch_size"]
+        self.steps_per_epoch = len(images) // self.batch
+        self.total_steps = p["epochs"] * self.steps_per_epoch
+        self.model = SimCLR(ResNet(arch, width), p["proj_hidden"], p["proj_dim"]).to(device)
+        self.compiled = train.prepare_model(self.model, device, p["compile"])
+        self.optimizer = train.make_optimizer(p["optimizer"], self.model, p["lr"], p["momentum"], p["weight_decay"])
+        self.augment = SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
+        self.epoch_start = time.perf_counter()
+
+    def restore(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.history, self.train_seconds = state["history"], state["train_seconds"]
+        return state["epoch"], state["step"], state["loss_sum"]
+
+    def state(self, epoch, step, loss_sum):
+        return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "history": self.history, "train_seconds": self.train_seconds}
+
+    def step(self, epoch, step):
+        if self.order_epoch != epoch:
+            self.order, self.order_epoch = train.epoch_order(len(self.images), self.seed, epoch, self.device), epoch
+            self.epoch_start = time.perf_counter()
+        global_step = epoch * self.steps_per_epoch + step
+        warmup = self.p["warmup_epochs"] * self.steps_per_epoch
+        train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.p["lr"]))
+        x = self.images[self.order[step * self.batch : (step + 1) * self.batch]]  # uint8 (B, 3, H, W)
+        views = torch.cat([self.augment(x, self.generator), self.augment(x, self.generator)])  # (2B, 3, H, W)
+        if self.device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        with train.autocast(self.device):
+            z = self.compiled(views)  # (2B, proj_dim)
+        loss = nt_xent(z[: self.batch], z[self.batch :], self.p["temperature"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def end_epoch(self, epoch, mean_loss):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.epoch_start
+        self.train_seconds += seconds
+        last = epoch + 1 == self.p["epochs"]
+        knn = self.knn() if (epoch + 1) % self.p["knn_every"] == 0 or last else None
+        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "knn_accuracy": knn, "seconds": seconds,
+               "images_per_second": self.steps_per_epoch * self.batch / seconds}
+        self.history.append(row)
+        self.on_epoch(row)
+        log(f"pretrain epoch {epoch + 1}: loss {mean_loss:.4f}, {row['images_per_second']:,.0f} img/s"
+            + (f", kNN accuracy {knn:.4f}" if knn is not None else ""))
+        return False
+
+    def knn(self):
+        train_x, train_y, val_x, val_y = self.monitor
+        return knn_accuracy(self.model.backbone, train_x, train_y, val_x, val_y, self.p["knn_k"],
+                            self.p["knn_temperature"], batch_size=1024)

@@ -1,0 +1,200 @@
+"""Training machinery shared by pretraining and fine-tuning: device, seeding, schedule,
+optimizers, checkpoints, signals, and the epoch/step loop with NaN checks and progress."""
+import hashlib
+import json
+import math
+import signal
+
+import torch
+
+from stages.lib.cli import StageError, UserError, log
+from stages.lib.io import load_torch, remove, save_torch
+from stages.lib.progress import Progress
+
+
+def pick_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def setup(seed, device):
+    """Seed torch and choose fast, reproducible kernels for the device."""
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def images_to_device(x, device):
+    """uint8 (N, H, W, 3) numpy -> uint8 (N, 3, H, W) tensor kept on the device."""
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def prepare_model(model, device, compile_model):
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def lr_at(step, total_steps, warmup_steps, peak):
+    """Linear warm-up from 0 to `peak` over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    Groups with `lars=False` (BatchNorm and bias parameters) get plain SGD with momentum.
+    """
+
+    def __init__(self, groups, lr, momentum, trust=0.001):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "lars": True, "trust": trust})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    ratio = torch.where((p_norm > 0) & (u_norm > 0), group["trust"] * p_norm / u_norm, 1.0)
+                    update = update * ratio
+                buffer = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buffer.mul_(group["momentum"]).add_(update)
+                p.add_(buffer, alpha=-group["lr"])
+
+
+def make_optimizer(name, model, lr, momentum, weight_decay):
+    """SGD (Nesterov) or LARS; no weight decay on BatchNorm and bias parameters (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    if name == "lars":
+        return LARS([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "lars": False}], lr, momentum)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def epoch_order(n, seed, epoch, device):
+    """A permutation of range(n) that depends only on (seed, epoch), so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def fingerprint(config):
+    """Short hash of a JSON-able config: a checkpoint is only resumed by the same config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """A resumable training state at `path`, tied to a config fingerprint."""
+
+    def __init__(self, path, config):
+        self.path, self.fingerprint = path, fingerprint(config)
+
+    def load(self):
+        if not self.path.exists():
+            return None
+        state = load_torch(self.path, "checkpoint")
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"checkpoint {self.path} was written with other params or data; it is not resumed "
+                f"(delete it to start over, or restore the params it was made with)"
+            )
+        log(f"resuming from {self.path} (epoch {state['epoch'] + 1}, step {state['step']})")
+        return state
+
+    def save(self, state):
+        save_torch(self.path, {**state, "fingerprint": self.fingerprint})
+
+    def delete(self):
+        remove(self.path)
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a flag that the loop checks between steps."""
+
+    def __init__(self):
+        self.requested, self.name, self._previous = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, label, check_every=20):
+    """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
+
+    The task provides: restore(state) -> (epoch, step, loss_sum); step(epoch, step) -> loss
+    tensor; end_epoch(epoch, mean_loss) -> True to stop early; state(epoch, step, loss_sum) -> dict.
+    """
+    state = checkpoint.load()
+    epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
+    with StopSignal() as stop:
+        while epoch < epochs:
+            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch, unit="step")
+            losses = torch.zeros(steps_per_epoch, device=task.device)
+            for step in range(start_step, steps_per_epoch):
+                losses[step] = task.step(epoch, step)
+                if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch or stop.requested:
+                    _check_finite(losses, start_step, step, epoch, checkpoint)
+                    progress.update(step + 1, loss=losses[start_step : step + 1].mean().item())
+                if stop.requested:
+                    checkpoint.save(task.state(epoch, step + 1, _total(loss_sum, losses, start_step, step)))
+                    raise StageError(f"{label} stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}; "
+                                     f"checkpoint saved to {checkpoint.path}; run again to resume")
+            total = _total(loss_sum, losses, start_step, steps_per_epoch - 1)
+            stop_early = task.end_epoch(epoch, total.item() / steps_per_epoch)
+            epoch, start_step, loss_sum = epoch + 1, 0, None
+            if epoch % checkpoint_every == 0 or stop_early or epoch == epochs:
+                checkpoint.save(task.state(epoch, 0, None))
+            if stop_early:
+                break
+
+
+def _total(loss_sum, losses, first, last):
+    """Sum of this epoch's step losses so far (including those before a resume)."""
+    partial = losses[first : last + 1].sum()
+    return partial if loss_sum is None else loss_sum.to(partial.device) + partial
+
+
+def _check_finite(losses, first, last, epoch, checkpoint):
+    window = losses[first : last + 1]
+    bad = (~torch.isfinite(window)).nonzero()
+    if len(bad):
+        step = first + int(bad[0]) + 1
+        kept = f"the last good checkpoint is {checkpoint.path}" if checkpoint.path.exists() else "no checkpoint yet"
+        raise StageError(f"loss is {window[int(bad[0])].item()} at epoch {epoch + 1}, step {step}; stopping ({kept}); "
+                         "try a lower learning rate")

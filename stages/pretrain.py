@@ -1,0 +1,84 @@
+"""DVC stage `pretrain`: SimCLR on all training images (no labels), monitored by kNN accuracy
+on the validation split. Writes the backbone weights, metrics/pretrain.json and the curve."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.lib import cifar, params, train, tracking
+from stages.lib.cli import UserError, log, run_stage
+from stages.lib.io import write_csv, write_json
+from stages.lib.models import save_backbone
+from stages.lib.simclr import PretrainTask
+
+
+def add_arguments(parser):
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--data", required=True, help="prepared data directory")
+    parser.add_argument("--val", required=True, help="validation indices (.npy) from the split stage")
+    parser.add_argument("--out", required=True, nargs="+", help="backbone weights file(s) to write")
+    parser.add_argument("--metrics", required=True, help="final metrics JSON")
+    parser.add_argument("--curve", required=True, help="per-epoch CSV (loss, lr, kNN accuracy)")
+    parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
+
+
+def run(args):
+    p = params.load(args.params, "seed", "model", "pretrain")
+    cfg, model = p["pretrain"], p["model"]
+    x, y = cifar.load_prepared(args.data, "train")
+    val = np.load(args.val) if Path(args.val).is_file() else None
+    if val is None:
+        raise UserError(f"validation indices not found: {args.val} (run: dvc repro split)")
+    if cfg["batch_size"] > len(x):
+        raise UserError(f"params.yaml: pretrain.batch_size = {cfg['batch_size']}: above the {len(x)} training images")
+    device = train.pick_device()
+    train.setup(p["seed"], device)
+    images = train.images_to_device(x, device)
+    labels = torch.from_numpy(y).to(device)
+    pool = torch.from_numpy(np.setdiff1d(np.arange(len(y)), val)).to(device)
+    val_t = torch.from_numpy(val).to(device)
+    monitor = (images[pool], labels[pool], images[val_t], labels[val_t])
+    checkpoint = train.Checkpoint(Path(args.checkpoint), {"params": p, "images": len(x), "val": splits_digest(val)})
+    log(f"pretrain: {len(x)} images on {train.device_name(device)}, {model['arch']} width {model['width']}")
+    with tracking.stage_run("pretrain", p, tags={"device": train.device_name(device)}) as mlrun:
+        task = PretrainTask(images, monitor, cfg, model["arch"], model["width"], p["seed"], device,
+                            on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
+        train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_every"], "pretrain")
+        summary = write_outputs(args, p, task, device)
+        mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlrun.log_artifact(args.curve)
+        mlrun.log_artifact(args.metrics)
+    checkpoint.delete()
+
+
+def splits_digest(val):
+    return train.fingerprint(val.tolist())
+
+
+def write_outputs(args, p, task, device):
+    history = task.history
+    last_knn = next(row["knn_accuracy"] for row in reversed(history) if row["knn_accuracy"] is not None)
+    images = sum(row["images_per_second"] * row["seconds"] for row in history)
+    summary = {
+        "loss": round(history[-1]["loss"], 4),
+        "knn_accuracy": round(last_knn, 4),
+        "epochs": len(history),
+        "seconds": round(task.train_seconds, 1),
+        "seconds_per_epoch": round(task.train_seconds / len(history), 3),
+        "images_per_second": round(images / task.train_seconds),
+        "device": train.device_name(device),
+    }
+    for out in args.out:
+        save_backbone(out, task.model.backbone, origin="simclr", params=p)
+    write_csv(args.curve, [{k: ("" if v is None else v) for k, v in row.items()} for row in history])
+    write_json(args.metrics, summary)
+    log(f"pretrain: done, kNN accuracy {summary['knn_accuracy']:.4f}, {summary['images_per_second']:,} img/s")
+    return summary
+
+
+def main(argv=None):
+    run_stage("pretrain", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    main()

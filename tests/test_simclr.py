@@ -1,0 +1,175 @@
+"""SimCLR pieces: NT-Xent against the paper, augmentations, backbone, and CPU pretraining."""
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from stages.lib import train
+from stages.lib.augment import SimCLRAugment, SupervisedAugment
+from stages.lib.cli import StageError
+from stages.lib.losses import nt_xent
+from stages.lib.models import ResNet
+from stages.lib.simclr import AUGMENT_KEYS, PretrainTask
+from tests.conftest import synthetic_images, write_params
+from stages.lib import params as params_lib
+
+
+def nt_xent_reference(z1, z2, temperature):
+    """Algorithm 1 of Chen et al. (2020), written as loops: views 2k-1 and 2k are a pair."""
+    z = []
+    for a, b in zip(z1, z2):
+        z += [a, b]
+    n = len(z)
+
+    def sim(u, v):
+        return float(torch.dot(u, v) / (torch.linalg.norm(u) * torch.linalg.norm(v)))
+
+    def loss(i, j):
+        denominator = sum(math.exp(sim(z[i], z[k]) / temperature) for k in range(n) if k != i)
+        return -math.log(math.exp(sim(z[i], z[j]) / temperature) / denominator)
+
+    return sum(loss(2 * k, 2 * k + 1) + loss(2 * k + 1, 2 * k) for k in range(n // 2)) / n
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_paper_reference(temperature):
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    assert nt_xent(z1, z2, temperature).item() == pytest.approx(nt_xent_reference(z1, z2, temperature), rel=1e-5)
+
+
+def test_nt_xent_of_identical_views_is_log_of_negatives():
+    z = torch.ones(4, 3)  # every view identical: all similarities are 1
+    assert nt_xent(z, z.clone(), 0.5).item() == pytest.approx(math.log(2 * 4 - 1), rel=1e-6)
+
+
+def test_nt_xent_is_symmetric_and_has_gradients():
+    z1 = torch.randn(8, 16, requires_grad=True)
+    z2 = torch.randn(8, 16, requires_grad=True)
+    loss = nt_xent(z1, z2, 0.2)
+    assert loss.item() == pytest.approx(nt_xent(z2, z1, 0.2).item(), rel=1e-6)
+    loss.backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+def test_nt_xent_prefers_matching_pairs():
+    z = torch.nn.functional.one_hot(torch.arange(8), 8).float()
+    assert nt_xent(z, z, 0.1) < nt_xent(z, z.roll(1, 0), 0.1)
+
+
+@pytest.fixture
+def simclr_augment():
+    p = params_lib.load("params.yaml", "pretrain")["pretrain"]
+    return SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
+
+
+def test_simclr_augment_shape_dtype_range(simclr_augment):
+    images = torch.from_numpy(synthetic_images(4)[0]).permute(0, 3, 1, 2).contiguous()
+    views = simclr_augment(images, torch.Generator().manual_seed(0))
+    assert views.shape == images.shape and views.dtype == torch.float32
+    assert torch.isfinite(views).all()
+    # Normalized from [0, 1]: bounded by (0 - mean) / std and (1 - mean) / std.
+    assert views.min() >= -2.1 and views.max() <= 2.2
+
+
+def test_two_views_differ_and_seed_repeats(simclr_augment):
+    images = torch.from_numpy(synthetic_images(2)[0]).permute(0, 3, 1, 2).contiguous()
+    generator = torch.Generator().manual_seed(1)
+    first, second = simclr_augment(images, generator), simclr_augment(images, generator)
+    assert (first - second).abs().mean() > 0.1
+    again = simclr_augment(images, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first, again)
+
+
+def test_supervised_augment_shifts_and_flips():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = SupervisedAugment(4, 0.5)(images, torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    plain = SupervisedAugment(0, 0.0)(images, torch.Generator().manual_seed(0))
+    from stages.lib.augment import normalize
+
+    torch.testing.assert_close(plain, normalize(images))
+
+
+@pytest.mark.parametrize("width", [8, 64])
+def test_backbone_feature_size_and_cifar_stem(width):
+    backbone = ResNet("resnet18", width)
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 8 * width)
+    stem_conv = backbone.stem[0]
+    assert stem_conv.kernel_size == (3, 3) and stem_conv.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in backbone.modules())
+
+
+def make_task(tmp_path, epochs=3):
+    x, y = synthetic_images(16, seed=0)
+    images = train.images_to_device(x, torch.device("cpu"))
+    labels = torch.from_numpy(y)
+    monitor = (images[::2], labels[::2], images[1::2], labels[1::2])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_params(tmp_path / "params.yaml", **{
+        "pretrain.epochs": epochs, "pretrain.batch_size": 32, "pretrain.compile": False,
+        "pretrain.proj_hidden": 32, "pretrain.warmup_epochs": 1, "pretrain.knn_every": 1,
+    })
+    p = params_lib.load(path, "pretrain")["pretrain"]
+    torch.manual_seed(0)
+    task = PretrainTask(images, monitor, p, "resnet18", 4, 0, torch.device("cpu"), on_epoch=lambda row: None)
+    return task, p
+
+
+def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
+    """Run (or resume) a tiny pretraining; optionally send SIGINT or crash at (epoch, step)."""
+    task, p = make_task(tmp_path, epochs)
+    step = task.step
+
+    def interrupted_step(epoch, index):
+        if (epoch, index) == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if (epoch, index) == crash_at:
+            raise RuntimeError("simulated kill -9")
+        return step(epoch, index)
+
+    task.step = interrupted_step
+    checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p})
+    train.run_epochs(task, p["epochs"], task.steps_per_epoch, checkpoint, 1, "pretrain")
+    return task
+
+
+def test_pretraining_loss_decreases(tmp_path):
+    losses = [row["loss"] for row in pretrain(tmp_path, epochs=4).history]
+    assert losses[-1] < losses[0]
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+    reference = pretrain(tmp_path / "a")
+    with pytest.raises(StageError, match="stopped by SIGINT"):
+        pretrain(tmp_path / "b", stop_at=(1, 2))
+    assert (tmp_path / "b" / "ck.pt").exists()
+    resumed = pretrain(tmp_path / "b")
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in reference.history], abs=1e-6)
+
+
+def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
+    reference = pretrain(tmp_path / "a")
+    with pytest.raises(RuntimeError):
+        pretrain(tmp_path / "b", crash_at=(2, 1))  # epochs 1 and 2 were checkpointed
+    resumed = pretrain(tmp_path / "b")
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = np.array([train.lr_at(s, 100, 10, 1.0) for s in range(100)])
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert np.all(np.diff(lrs[10:]) <= 1e-12) and lrs[-1] < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_on_gpu_is_finite_in_float32(simclr_augment):
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    views = simclr_augment(images, torch.Generator(device="cuda").manual_seed(0))
+    assert views.dtype == torch.float32 and torch.isfinite(views).all()
