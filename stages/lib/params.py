@@ -159,6 +159,7 @@ SCHEMA = {
         "equal_steps": boolean(),
         "crop_padding": integer(0),
         "flip_p": probability(),
+        "checkpoint_every": integer(1),
         "compile": boolean(),
     },
     "evaluate": {

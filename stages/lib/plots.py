@@ -53,9 +53,11 @@ def sample_grid(x, y, classes, path, per_class=8, *, seed):
     height, width = x.shape[1:3]
     pad = 2
     mosaic = np.full((len(classes) * (height + pad) + pad, per_class * (width + pad) + pad, 3), 255, np.uint8)
+    shown = 0
     for row in range(len(classes)):
         members = np.flatnonzero(y == row)
         chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        shown = max(shown, len(chosen))
         for col, index in enumerate(chosen):
             top, left = pad + row * (height + pad), pad + col * (width + pad)
             mosaic[top : top + height, left : left + width] = x[index]
@@ -67,7 +69,7 @@ def sample_grid(x, y, classes, path, per_class=8, *, seed):
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(f"Training images, {per_class} random per class", fontsize=12)
+    ax.set_title(f"Training images, up to {shown} random per class", fontsize=12)
     _save(fig, path)
 
 
@@ -144,8 +146,10 @@ def gain_with_ci(comparison, path):
     colours = ["tab:green" if g >= 0 else "tab:red" for g in gains]
     ax.bar(range(len(rows)), gains, 0.6, yerr=[low, high], capsize=6, color=colours, alpha=0.8)
     for i, (gain, entry) in enumerate(zip(gains, rows)):
-        ax.annotate(f"{gain:+.1f}\np = {entry['mcnemar_p']:.2g}", (i, gain), xytext=(14, 0),
-                    textcoords="offset points", fontsize=8, va="center")
+        tip = gain + high[i] if gain >= 0 else gain - low[i]
+        ax.annotate(f"{gain:+.1f} points\np = {entry['mcnemar_p']:.2g}", (i, tip), ha="center", fontsize=8,
+                    xytext=(0, 4 if gain >= 0 else -4), textcoords="offset points", va="bottom" if gain >= 0 else "top")
+    ax.margins(y=0.2)
     ax.axhline(0, color="black", linewidth=1)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"N = {percent(e['fraction'])}" for e in rows])
@@ -185,8 +189,8 @@ def confusion_matrices(cells, classes, path):
     """Row-normalised confusion matrices in a grid: a row of panels per mode, a column per N."""
     modes = mode_order({c["mode"] for c in cells})
     fractions = sorted({c["fraction"] for c in cells}, reverse=True)
-    fig, axes = plt.subplots(len(modes), len(fractions), squeeze=False,
-                             figsize=(4.3 * len(fractions) + 1, 4.3 * len(modes)))
+    fig, axes = plt.subplots(len(modes), len(fractions), squeeze=False, layout="constrained",
+                             figsize=(3.6 * len(fractions) + 1.2, 3.8 * len(modes) + 0.6))
     image = None
     for ax in axes.flat:
         ax.set_axis_off()
@@ -197,14 +201,17 @@ def confusion_matrices(cells, classes, path):
         image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
         ax.set_axis_on()
         ticks = range(len(classes))
+        row, col = modes.index(cell["mode"]), fractions.index(cell["fraction"])
         ax.set_xticks(ticks)
         ax.set_xticklabels(classes, rotation=90, fontsize=7)
         ax.set_yticks(ticks)
-        ax.set_yticklabels(classes, fontsize=7)
+        ax.set_yticklabels(classes if col == 0 else [], fontsize=7)
         accuracy = np.trace(counts) / max(counts.sum(), 1)
         ax.set_title(f"{cell['mode']}, N = {percent(cell['fraction'])} (acc {100 * accuracy:.1f}%)", fontsize=9)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
+        if row == len(modes) - 1:
+            ax.set_xlabel("predicted class", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("true class", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true class")
     fig.suptitle("Test-set confusion matrices (rows normalised)", fontsize=12)

@@ -99,7 +99,7 @@ def improvement_section(comparison, settings):
     header = ["N", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
               "McNemar p", f"Significant (p < {alpha})"]
     text = (f"SSL minus baseline test accuracy on the same test images. The interval is a paired "
-            f"percentile bootstrap over test images ({settings['bootstrap_samples']} resamples); McNemar's "
+            f"percentile bootstrap over test images ({settings['bootstrap_samples']:,} resamples); McNemar's "
             f"test compares the paired correct/wrong answers (exact binomial below 25 discordant pairs). "
             f"With several seeds the paired predictions of all seeds are pooled.\n\n")
     return title + text + _table(header, rows) + "\n\n" + _verdict(pairs)
@@ -115,7 +115,7 @@ def convergence_section(summary, settings):
             row.append(_num(e, "convergence_epoch", 1 if e and "convergence_epoch_std" in e else 0))
         rows.append(row)
     text = (f"Epochs to convergence: the first epoch whose validation accuracy is within "
-            f"{settings['convergence_tolerance']:g} points of the cell's best.\n\n")
+            f"{settings['convergence_tolerance']:g} percentage points of the cell's best.\n\n")
     return "## Convergence\n\n" + text + _table(["N"] + [f"{m} epochs" for m in modes], rows)
 
 
@@ -160,7 +160,7 @@ def pretrain_section(pretrain):
     if not pretrain:
         return ""
     fields = [("Final NT-Xent loss", "loss", lambda v: f"{v:.4f}"),
-              ("kNN accuracy (test)", "knn_accuracy", lambda v: f"{100 * v:.1f}%"),
+              ("kNN accuracy (validation split)", "knn_accuracy", lambda v: f"{100 * v:.1f}%"),
               ("Epochs", "epochs", lambda v: f"{v:g}"), ("Seconds", "seconds", lambda v: f"{v:.0f}"),
               ("Images per second", "images_per_second", lambda v: f"{v:,.0f}"), ("Device", "device", str)]
     rows = [[label, NOT_REPORTED if pretrain.get(key) is None else fmt(pretrain[key])] for label, key, fmt in fields]

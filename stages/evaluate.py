@@ -1,0 +1,85 @@
+"""DVC stage `evaluate`: test metrics of every fine-tuned cell, SSL vs baseline comparison
+(bootstrap interval, McNemar), convergence, figures and the markdown report.
+
+Reads <finetune>/<mode>/<key>_s<seed>.{json,npz}, <curves>/<mode>/<key>_s<seed>.csv,
+<data>/meta.json and train.npz, and the optional SimCLR metrics file. Writes
+summary.json, comparison.json, per_class.json and report.md to --metrics-dir, and the
+PNGs plus accuracy_vs_fraction.csv to --plots-dir.
+"""
+import os
+from pathlib import Path
+
+from stages.lib import cifar, params, plots, report, study, tracking
+from stages.lib.cli import UserError, log, run_stage
+from stages.lib.io import read_json, write_csv, write_json, write_text
+
+FIGURES = (
+    ("Test accuracy vs label fraction", "accuracy_vs_fraction.png"), ("SSL gain over the baseline", "ssl_gain.png"),
+    ("Validation accuracy per epoch", "val_accuracy.png"), ("Training loss per epoch", "train_loss.png"),
+    ("Learning rate per epoch", "learning_rate.png"), ("Epochs to convergence", "convergence.png"),
+    ("Confusion matrices", "confusion.png"), ("Sample training images", "samples.png"),
+)
+
+
+def add_arguments(parser):
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--finetune", required=True, help="fine-tune results: <mode>/<key>_s<seed>.json and .npz")
+    parser.add_argument("--curves", required=True, help="per-epoch curves: <mode>/<key>_s<seed>.csv")
+    parser.add_argument("--data", required=True, help="prepared data directory (meta.json, train.npz)")
+    parser.add_argument("--pretrain", required=True, help="SimCLR metrics JSON (skipped when absent)")
+    parser.add_argument("--metrics-dir", required=True, help="where summary.json, comparison.json, report.md go")
+    parser.add_argument("--plots-dir", required=True, help="where the PNGs and accuracy_vs_fraction.csv go")
+
+
+def run(args):
+    p = params.load(args.params, "seed", "evaluate")
+    meta = read_json(Path(args.data) / "meta.json", "data meta")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise UserError(f"{Path(args.data) / 'meta.json'} has no list of classes; rerun: dvc repro -f data")
+    cells = study.load_cells(args.finetune, args.curves, len(classes), p["evaluate"]["convergence_tolerance"])
+    x, y = cifar.load_prepared(args.data, "train")
+    pretrain = read_json(args.pretrain, "pretrain metrics") if Path(args.pretrain).is_file() else None
+    with tracking.stage_run("evaluate", p) as mlflow_run:
+        summary, per_class = study.summarise(cells, classes)
+        comparison = study.compare(cells, p)
+        metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
+        write_json(metrics_dir / "summary.json", summary)
+        write_json(metrics_dir / "comparison.json", comparison)
+        write_json(metrics_dir / "per_class.json", per_class)
+        draw(cells, summary, comparison, per_class, classes, (x, y), plots_dir, p["seed"])
+        devices = {m: sorted({c["device"] for c in cells if c["mode"] == m}) for m in summary}
+        figures = [(title, os.path.relpath(plots_dir / name, metrics_dir)) for title, name in FIGURES]
+        text = report.build(summary, comparison, meta, devices, p["evaluate"], pretrain, figures)
+        write_text(metrics_dir / "report.md", text)
+        numbers = tracking.flatten({**summary, "comparison": comparison})
+        mlflow_run.log_metrics({k: v for k, v in numbers.items() if isinstance(v, (int, float))})
+        for name in ("report.md", "summary.json", "comparison.json", "per_class.json"):
+            mlflow_run.log_artifact(metrics_dir / name)
+        mlflow_run.log_artifacts(plots_dir, "plots")
+    log(f"evaluate: {len(cells)} cells -> {metrics_dir / 'report.md'}, figures in {plots_dir}")
+
+
+def draw(cells, summary, comparison, per_class, classes, train, plots_dir, seed):
+    """Write every figure and accuracy_vs_fraction.csv into plots_dir."""
+    x, y = train
+    plots.sample_grid(x, y, classes, plots_dir / "samples.png", seed=seed)
+    for column, label, name in (("val_accuracy", "Validation accuracy", "val_accuracy.png"),
+                                ("train_loss", "Training loss", "train_loss.png"),
+                                ("lr", "Learning rate", "learning_rate.png")):
+        plots.curves(cells, column, label, plots_dir / name)
+    plots.convergence_bars(summary, plots_dir / "convergence.png")
+    plots.gain_with_ci(comparison, plots_dir / "ssl_gain.png")
+    plots.accuracy_vs_fraction(summary, plots_dir / "accuracy_vs_fraction.png")
+    pooled = [{"mode": m, "fraction": summary[m][k]["fraction"], "confusion": v["confusion"]}
+              for m, cells_of_mode in per_class.items() for k, v in cells_of_mode.items()]
+    plots.confusion_matrices(pooled, classes, plots_dir / "confusion.png")
+    write_csv(plots_dir / "accuracy_vs_fraction.csv", study.accuracy_rows(summary))
+
+
+def main(argv=None):
+    run_stage("evaluate", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    main()

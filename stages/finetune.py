@@ -1,0 +1,123 @@
+"""DVC stage `finetune@<mode>`: fine-tune one mode on every fraction and seed (one cell each),
+with early stopping on the validation split, and save each cell's test predictions.
+
+Cells are built in --work (resumable: a finished cell is kept, an interrupted one resumes
+from its checkpoint) and moved to --out and --curves only when every cell is done.
+"""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.lib import cifar, params, train, tracking
+from stages.lib.cli import UserError, log, run_stage
+from stages.lib.finetuning import FinetuneTask
+from stages.lib.io import atomic_path, read_json, write_csv, write_json
+from stages.lib.metrics import classification_metrics
+from stages.lib.models import load_backbone
+from stages.lib.splits import fraction_key, load_split
+
+ORIGIN = {"baseline": "random", "ssl": "simclr", "linear": "simclr"}
+
+
+def add_arguments(parser):
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    parser.add_argument("--mode", required=True, choices=sorted(ORIGIN), help="fine-tuning mode")
+    parser.add_argument("--init", required=True, help="starting backbone weights (data/init/<mode>.pt)")
+    parser.add_argument("--data", required=True, help="prepared data directory")
+    parser.add_argument("--splits", required=True, help="split directory (val.npy, train_<N>.npy)")
+    parser.add_argument("--out", required=True, help="results directory: <N>_s<seed>.json and .npz")
+    parser.add_argument("--curves", required=True, help="per-epoch CSV directory: <N>_s<seed>.csv")
+    parser.add_argument("--work", required=True, help="resumable work directory for the cells")
+
+
+def run(args):
+    p = params.load(args.params, "seed", "fraction", "model", "finetune")
+    _, saved = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
+    if saved.get("origin") != ORIGIN[args.mode]:
+        raise UserError(f"{args.init} holds {saved.get('origin')} weights; mode {args.mode} needs "
+                        f"{ORIGIN[args.mode]} weights (run: dvc repro)")
+    device = train.pick_device()
+    train.setup(p["seed"], device)
+    context = load_context(args, device)
+    context["init_digest"] = cifar.sha256(args.init)
+    work = Path(args.work)
+    for fraction in p["fraction"]:
+        for seed in p["finetune"]["seeds"]:
+            run_cell(args, p, context, fraction, seed, work / f"{fraction_key(fraction)}_s{seed}")
+    publish(work, [f"{fraction_key(f)}_s{s}" for f in p["fraction"] for s in p["finetune"]["seeds"]], args)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def load_context(args, device):
+    """Everything the cells share, on the device: images, labels, validation and test sets."""
+    x, y = cifar.load_prepared(args.data, "train")
+    test_x, test_y = cifar.load_prepared(args.data, "test")
+    val = load_split(args.splits, "val")
+    images, labels = train.images_to_device(x, device), torch.from_numpy(y).to(device)
+    val_t = torch.from_numpy(val).to(device)
+    return {"images": images, "labels": labels, "val_x": images[val_t], "val_y": labels[val_t],
+            "val_digest": train.fingerprint(val.tolist()), "pool": len(y) - len(val), "device": device,
+            "test_x": train.images_to_device(test_x, device), "test_y": test_y}
+
+
+def run_cell(args, p, context, fraction, seed, cell_dir):
+    key, cfg, device = f"{fraction_key(fraction)}_s{seed}", p["finetune"], context["device"]
+    labeled = load_split(args.splits, f"train_{fraction_key(fraction)}")
+    config = {"finetune": {k: v for k, v in cfg.items() if k not in ("modes", "seeds")}, "model": p["model"],
+              "mode": args.mode, "fraction": fraction, "seed": seed, "init": context["init_digest"],
+              "labeled": train.fingerprint(labeled.tolist()), "val": context["val_digest"]}
+    done = cell_dir / "result.json"
+    if done.exists() and read_json(done).get("config") == train.fingerprint(config):
+        log(f"finetune {args.mode} {key}: already done in {cell_dir}")
+        return
+    steps = max(1, (context["pool"] if cfg["equal_steps"] else len(labeled)) // cfg["batch_size"])
+    backbone, _ = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
+    data = {**context, "labeled": torch.from_numpy(labeled).to(device)}
+    checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
+    tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
+    run_params = {**p, "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
+    with tracking.stage_run(f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags) as mlrun:
+        task = FinetuneTask(data, backbone, args.mode, cfg, seed, steps, device, len(cifar.CLASSES),
+                            on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
+        train.run_epochs(task, cfg["max_epochs"], steps, checkpoint, cfg["checkpoint_every"], f"{args.mode} {key}")
+        y_pred = task.test_predictions(context["test_x"])
+        test = classification_metrics(context["test_y"], y_pred, len(cifar.CLASSES))
+        mlrun.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float)})
+        result = {"mode": args.mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
+                  "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),
+                  "best_val_accuracy": task.best_accuracy, "seconds": round(task.train_seconds, 2),
+                  "device": train.device_name(device), "config": train.fingerprint(config)}
+        save_cell(cell_dir, result, context["test_y"], y_pred, task.history)
+        mlrun.log_artifact(cell_dir / "curve.csv")
+    checkpoint.delete()
+    log(f"finetune {args.mode} {key}: test accuracy {test['accuracy']:.4f} (best epoch {task.best_epoch})")
+
+
+def save_cell(cell_dir, result, y_true, y_pred, history):
+    """The cell's files; result.json last, since its presence marks the cell as done."""
+    with atomic_path(cell_dir / "predictions.npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, y_true=np.asarray(y_true, dtype=np.int64), y_pred=y_pred)
+    write_csv(cell_dir / "curve.csv", history)
+    write_json(cell_dir / "result.json", result)
+
+
+def publish(work, keys, args):
+    """Move every cell's files into the output directories, each appearing whole or not at all."""
+    with atomic_path(args.out) as out, atomic_path(args.curves) as curves:
+        out.mkdir(parents=True)
+        curves.mkdir(parents=True)
+        for key in keys:
+            shutil.copy(work / key / "result.json", out / f"{key}.json")
+            shutil.copy(work / key / "predictions.npz", out / f"{key}.npz")
+            shutil.copy(work / key / "curve.csv", curves / f"{key}.csv")
+
+
+def main(argv=None):
+    run_stage("finetune", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    main()

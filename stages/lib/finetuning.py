@@ -1,0 +1,122 @@
+"""Supervised fine-tuning of one cell (mode, fraction, seed) as a task for `train.run_epochs`.
+
+Modes differ only in their starting weights: `baseline` (random init), `ssl` (SimCLR
+backbone), `linear` (SimCLR backbone frozen, only the linear head trains). Early stopping
+on validation accuracy with patience; the best-validation weights are the ones kept.
+"""
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.lib import train
+from stages.lib.augment import SupervisedAugment, normalize
+from stages.lib.metrics import classification_metrics
+from stages.lib.models import Classifier
+
+
+@torch.no_grad()
+def predict(model, images, batch_size=1024):
+    """uint8 (N, 3, H, W) on the device -> logits float32 (N, C), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    logits = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with train.autocast(device):
+            logits.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(logits)
+
+
+class FinetuneTask:
+    """One fine-tuning cell. `data` holds device tensors: images (N, 3, H, W) uint8, labels (N,),
+    labeled (L,) indices into them, val_x, val_y."""
+
+    def __init__(self, data, backbone, mode, p, seed, steps_per_epoch, device, num_classes, on_epoch):
+        self.data, self.mode, self.p, self.seed, self.device = data, mode, p, seed, device
+        self.steps_per_epoch, self.num_classes, self.on_epoch = steps_per_epoch, num_classes, on_epoch
+        torch.manual_seed(seed)  # the head's initial weights
+        self.model = Classifier(backbone, num_classes).to(device)
+        if mode == "linear":
+            self.model.backbone.requires_grad_(False)
+        self.compiled = train.prepare_model(self.model, device, p["compile"])
+        self.optimizer = train.make_optimizer("sgd", self.model, p["lr"], p["momentum"], p["weight_decay"])
+        self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.history, self.best, self.order_epoch = [], None, None
+        self.best_accuracy, self.best_epoch, self.stale, self.train_seconds = -1.0, 0, 0, 0.0
+
+    def restore(self, state):
+        for key in ("history", "best", "best_accuracy", "best_epoch", "stale", "train_seconds"):
+            setattr(self, key, state[key])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        return state["epoch"], state["step"], state["loss_sum"]
+
+    def state(self, epoch, step, loss_sum):
+        return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "history": self.history, "best": self.best, "best_accuracy": self.best_accuracy,
+                "best_epoch": self.best_epoch, "stale": self.stale, "train_seconds": self.train_seconds}
+
+    def _order(self, epoch):
+        """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
+        labeled, needed = self.data["labeled"], self.steps_per_epoch * self.p["batch_size"]
+        passes = -(-needed // len(labeled))
+        orders = [train.epoch_order(len(labeled), self.seed, epoch * passes + i, self.device) for i in range(passes)]
+        return labeled[torch.cat(orders)[:needed]]
+
+    def step(self, epoch, step):
+        if self.order_epoch != epoch:
+            self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
+            self.model.train()
+            if self.mode == "linear":
+                self.model.backbone.eval()  # frozen: BatchNorm statistics stay as pretrained
+        batch = self.p["batch_size"]
+        total = self.p["max_epochs"] * self.steps_per_epoch
+        warmup = self.p["warmup_epochs"] * self.steps_per_epoch
+        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
+        index = self.order[step * batch : (step + 1) * batch]
+        x = self.augment(self.data["images"][index], self.generator)  # float32 (B, 3, H, W)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with train.autocast(self.device):
+            logits = self.compiled(x)  # (B, C)
+        loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.p["label_smoothing"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def end_epoch(self, epoch, mean_loss):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.epoch_start
+        self.train_seconds += seconds
+        logits = predict(self.model, self.data["val_x"])
+        val_loss = F.cross_entropy(logits, self.data["val_y"]).item()
+        m = classification_metrics(self.data["val_y"].cpu().numpy(), logits.argmax(1).cpu().numpy(), self.num_classes)
+        row = {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val_loss, "val_accuracy": m["accuracy"],
+               "val_precision": m["precision_macro"], "val_recall": m["recall_macro"], "val_f1": m["f1_macro"],
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+        self.history.append(row)
+        if m["accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_epoch, self.stale = m["accuracy"], epoch + 1, 0
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.stale += 1
+        self.on_epoch(row)
+        return self.stale >= self.p["patience"]
+
+    def test_predictions(self, test_x):
+        """Predicted labels (N,) of the best-validation weights on the test images."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.best)
+        return predict(model, test_x).argmax(1).cpu().numpy().astype(np.int64)

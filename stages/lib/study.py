@@ -1,0 +1,201 @@
+"""The study's results: fine-tuned cells read back, summarised per mode and N, and SSL compared
+with the baseline (paired bootstrap interval, McNemar's test, label efficiency).
+
+A cell is <finetune>/<mode>/<key>_s<seed>.{json,npz} plus <curves>/<mode>/<key>_s<seed>.csv.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from stages.lib import metrics, plots
+from stages.lib.cli import UserError, log
+from stages.lib.io import read_json
+
+CELL_KEYS = ("mode", "fraction", "key", "seed", "labeled_images", "best_epoch", "epochs_run", "seconds", "device")
+CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy", "lr")
+# Summary values per cell: (name, source in the cell, decimals when rounded).
+SCALARS = (
+    ("accuracy", "accuracy", 4), ("precision", "precision_macro", 4), ("recall", "recall_macro", 4),
+    ("f1", "f1_macro", 4), ("precision_weighted", "precision_weighted", 4),
+    ("recall_weighted", "recall_weighted", 4), ("f1_weighted", "f1_weighted", 4),
+    ("convergence_epoch", "convergence_epoch", 2), ("best_epoch", "best_epoch", 2),
+    ("epochs_run", "epochs_run", 2), ("seconds", "seconds", 1),
+)
+def load_cells(finetune_dir, curves_dir, num_classes, tolerance):
+    """Every fine-tuned cell as a dict: the JSON's fields, `y_true`/`y_pred` (n_test,),
+    `curve` {column: float array over epochs}, `metrics` (test) and `convergence_epoch`."""
+    paths = sorted(Path(finetune_dir).glob("*/*.json"))
+    if not paths:
+        raise UserError(f"no fine-tune results (<mode>/<key>_s<seed>.json) in {finetune_dir}; run: dvc repro finetune")
+    cells = []
+    for path in paths:
+        cell = read_json(path, "fine-tune result")
+        missing = [k for k in CELL_KEYS if not isinstance(cell, dict) or k not in cell]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}; rerun the fine-tune stage")
+        if cell["mode"] != path.parent.name:
+            raise UserError(f"{path} says mode {cell['mode']!r} but lies in {path.parent.name}/")
+        if not isinstance(cell["fraction"], (int, float)) or not 0 < cell["fraction"] <= 1:
+            raise UserError(f"{path}: fraction {cell['fraction']!r} must be a number in (0, 1]")
+        cell["y_true"], cell["y_pred"] = read_predictions(path.with_suffix(".npz"))
+        try:
+            cell["metrics"] = metrics.classification_metrics(cell["y_true"], cell["y_pred"], num_classes)
+        except ValueError as error:
+            raise UserError(f"{path.with_suffix('.npz')}: {error}") from None
+        curve_path = Path(curves_dir) / path.parent.name / f"{path.stem}.csv"
+        cell["curve"] = read_curve(curve_path)
+        cell["convergence_epoch"] = metrics.convergence_epoch(cell["curve"]["val_accuracy"], tolerance)
+        cells.append(cell)
+    log(f"evaluate: {len(cells)} cells from {finetune_dir}")
+    return cells
+
+
+def read_predictions(path):
+    """(y_true, y_pred) int64 arrays (n_test,) of one cell."""
+    if not path.is_file():
+        raise UserError(f"test predictions not found: {path} (its .json exists); rerun the fine-tune stage")
+    try:
+        with np.load(path) as arrays:
+            y_true, y_pred = arrays["y_true"], arrays["y_pred"]
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"{path} is not a predictions file with y_true and y_pred ({error})") from None
+    if y_true.ndim != 1 or y_true.shape != y_pred.shape or y_true.size == 0:
+        raise UserError(f"{path}: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty 1-D arrays")
+    return y_true.astype(np.int64), y_pred.astype(np.int64)
+
+
+def read_curve(path):
+    """{column: float array over epochs 1..E} of one cell's per-epoch CSV."""
+    if not path.is_file():
+        raise UserError(f"training curve not found: {path}; rerun the fine-tune stage")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = [c for c in CURVE_COLUMNS if not rows or c not in rows[0]]
+    if missing:
+        raise UserError(f"{path} has no rows or lacks columns {', '.join(missing)}")
+    try:
+        return {column: np.array([float(row[column]) for row in rows]) for column in rows[0]}
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{path} holds a non-numeric value ({error})") from None
+
+
+def _groups(cells):
+    """{(mode, key): [cells sorted by seed]}."""
+    groups = {}
+    for cell in sorted(cells, key=lambda c: c["seed"]):
+        groups.setdefault((cell["mode"], cell["key"]), []).append(cell)
+    return groups
+
+
+def _value(cell, source):
+    return cell["metrics"][source] if source in cell["metrics"] else cell[source]
+
+
+def summarise(cells, classes):
+    """summary {mode: {key: {fraction, seeds, <scalar>[, <scalar>_std]}}} (mean over seeds, sample
+    std when several) and per_class {mode: {key: {per_class_recall, confusion}}} pooled over seeds."""
+    summary, per_class = {}, {}
+    for (mode, key), group in _groups(cells).items():
+        entry = {"fraction": group[0]["fraction"], "seeds": len(group), "labeled_images": group[0]["labeled_images"]}
+        for name, source, digits in SCALARS:
+            values = np.array([_value(c, source) for c in group], dtype=float)
+            entry[name] = _rounded(values.mean(), digits, len(group))
+            if len(group) > 1:
+                entry[f"{name}_std"] = round(float(values.std(ddof=1)), max(digits, 2))
+        summary.setdefault(mode, {})[key] = entry
+        confusion = np.sum([c["metrics"]["confusion"] for c in group], axis=0)
+        recall = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+        per_class.setdefault(mode, {})[key] = {
+            "per_class_recall": {name: round(float(r), 4) for name, r in zip(classes, recall)},
+            "confusion": confusion.tolist(),
+        }
+    return summary, per_class
+
+
+def _rounded(value, digits, seeds):
+    if seeds == 1 and digits < 4 and float(value).is_integer():
+        return int(value)
+    return round(float(value), digits)
+
+
+def compare(cells, p):
+    """{key: SSL vs baseline on the seeds both ran, "label_efficiency": {...}}, or {"note"}."""
+    groups, settings = _groups(cells), p["evaluate"]
+    keys = sorted({k for m, k in groups if m == "ssl" and ("baseline", k) in groups},
+                  key=lambda k: -groups[("ssl", k)][0]["fraction"])
+    comparison = {}
+    for key in keys:
+        entry = compare_pair(groups[("baseline", key)], groups[("ssl", key)], settings, p["seed"])
+        if entry is not None:
+            comparison[key] = entry
+    if not comparison:
+        return {"note": "No comparison: SSL and baseline fine-tuning results with a common fraction and seed are "
+                        "both needed (set finetune.modes to include baseline and ssl)."}
+    comparison["label_efficiency"] = efficiency(groups, [comparison[k]["fraction"] for k in comparison])
+    return comparison
+
+
+def compare_pair(baseline, ssl, settings, seed):
+    """Paired comparison of one fraction, pooling the predictions of the seeds both modes ran."""
+    by_seed = {c["seed"]: c for c in baseline}
+    pairs = [(by_seed[c["seed"]], c) for c in ssl if c["seed"] in by_seed]
+    if not pairs:
+        log(f"evaluate: {ssl[0]['key']}: ssl and baseline share no seed, not compared")
+        return None
+    for b, s in pairs:
+        if not np.array_equal(b["y_true"], s["y_true"]):
+            raise UserError(f"{s['key']} seed {s['seed']}: ssl and baseline test labels differ (items not paired)")
+    correct_b = np.concatenate([b["y_pred"] == b["y_true"] for b, _ in pairs])
+    correct_s = np.concatenate([s["y_pred"] == s["y_true"] for _, s in pairs])
+    low, high = metrics.bootstrap_diff_ci(correct_s, correct_b, settings["bootstrap_samples"],
+                                          settings["confidence"], seed)
+    p_value = metrics.mcnemar_p(correct_s, correct_b)
+    base, ours = float(correct_b.mean()), float(correct_s.mean())
+    return {
+        "fraction": ssl[0]["fraction"], "seeds": len(pairs), "paired_items": int(len(correct_s)),
+        "baseline_accuracy": round(base, 4), "ssl_accuracy": round(ours, 4),
+        "difference": round(ours - base, 4), "relative": round((ours - base) / base, 4) if base > 0 else None,
+        "ci_low": round(low, 4), "ci_high": round(high, 4), "confidence": settings["confidence"],
+        "mcnemar_p": float(f"{p_value:.4g}"), "significant": bool(p_value < 1 - settings["confidence"]),
+    }
+
+
+def _mean_accuracy(group):
+    return float(np.mean([c["metrics"]["accuracy"] for c in group]))
+
+
+def efficiency(groups, fractions):
+    """How many labels the baseline needs to match SSL at the smallest compared fraction."""
+    ssl_fraction = min(fractions)
+    ssl_group = next(g for (m, _), g in groups.items() if m == "ssl" and g[0]["fraction"] == ssl_fraction)
+    target = _mean_accuracy(ssl_group)
+    grid = sorted((g[0]["fraction"], _mean_accuracy(g)) for (m, _), g in groups.items() if m == "baseline")
+    needed = metrics.label_efficiency([f for f, _ in grid], [a for _, a in grid], target)
+    at = f"SSL's {100 * target:.1f}% test accuracy with N = {plots.percent(ssl_fraction)} of the labels"
+    if needed is None:
+        note = (f"The baseline does not reach {at} anywhere on its grid (up to N = {plots.percent(grid[-1][0])}): "
+                f"it would need more than the whole grid of labels.")
+    elif grid[0][1] >= target:
+        note = (f"The baseline already reaches {at} with its smallest fraction, N = {plots.percent(grid[0][0])} "
+                f"({100 * grid[0][1]:.1f}%): SSL saves no labels there.")
+    else:
+        note = (f"To match {at}, the baseline would need about N = {plots.percent(round(needed, 4))} "
+                f"({needed / ssl_fraction:.1f} times as many labels; accuracy interpolated linearly in "
+                f"log(fraction) between the baseline's grid points).")
+    return {"ssl_fraction": ssl_fraction, "ssl_accuracy": round(target, 4),
+            "baseline_fraction_needed": None if needed is None else round(needed, 4), "note": note}
+
+
+def accuracy_rows(summary):
+    """[{fraction, <mode>: test accuracy or ''}] sorted by fraction, for DVC plots."""
+    modes = plots.mode_order(list(summary))
+    fractions = sorted({e["fraction"] for cells in summary.values() for e in cells.values()})
+    rows = []
+    for fraction in fractions:
+        row = {"fraction": fraction}
+        for mode in modes:
+            match = [e["accuracy"] for e in summary[mode].values() if e["fraction"] == fraction]
+            row[mode] = match[0] if match else ""
+        rows.append(row)
+    return rows

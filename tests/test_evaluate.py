@@ -1,0 +1,181 @@
+"""The evaluate stage on fabricated fine-tune outputs: metrics files, figures, report, errors."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.lib import study
+from stages.lib import cifar, report
+from stages.lib.splits import fraction_key
+from tests.conftest import run_module, synthetic_images, write_params
+
+FRACTIONS = (1.0, 0.5, 0.1)
+# Chance of a correct test prediction per mode and fraction: SSL better everywhere.
+SKILL = {"baseline": {1.0: 0.60, 0.5: 0.50, 0.1: 0.35}, "ssl": {1.0: 0.75, 0.5: 0.70, 0.1: 0.62}}
+N_TEST = 1000
+PLOTS = ("samples", "val_accuracy", "train_loss", "learning_rate", "convergence", "ssl_gain",
+         "accuracy_vs_fraction", "confusion")
+
+
+def fabricate_cell(root, mode, fraction, seed, skill, epochs=6):
+    """Write <root>/finetune/<mode>/<key>_s<seed>.{json,npz} and <root>/curves/... ; return accuracy."""
+    rng = np.random.default_rng([sum(map(ord, mode)), int(fraction * 1000), seed])
+    key = fraction_key(fraction)
+    y_true = np.repeat(np.arange(10), N_TEST // 10).astype(np.int64)
+    wrong = (y_true + rng.integers(1, 10, size=N_TEST)) % 10
+    y_pred = np.where(rng.random(N_TEST) < skill, y_true, wrong).astype(np.int64)
+    out = root / "finetune" / mode
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"{key}_s{seed}.npz", y_true=y_true, y_pred=y_pred)
+    info = {"mode": mode, "fraction": fraction, "key": key, "seed": seed, "labeled_images": int(4500 * fraction),
+            "best_epoch": epochs - 1, "epochs_run": epochs, "seconds": 12.5, "device": "cpu"}
+    (out / f"{key}_s{seed}.json").write_text(json.dumps(info))
+    curve_dir = root / "curves" / mode
+    curve_dir.mkdir(parents=True, exist_ok=True)
+    val = [skill * (1 - 0.5**e) for e in range(1, epochs + 1)]
+    with open(curve_dir / f"{key}_s{seed}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall",
+                         "val_f1", "lr", "seconds"])
+        for epoch, acc in enumerate(val, start=1):
+            writer.writerow([epoch, 2.3 / epoch, 2.0 / epoch, acc, acc, acc, acc, 0.1 / epoch, 2.0])
+    return float((y_pred == y_true).mean())
+
+
+def fabricate_data(root, source):
+    train, test = synthetic_images(6, seed=1), synthetic_images(2, seed=2)
+    meta = {"source": source, "sha256": "ab" * 32, "classes": list(cifar.CLASSES),
+            "counts": {split: cifar.class_counts(y) for split, (_, y) in (("train", train), ("test", test))}}
+    cifar.save_prepared(root / "data", {"train": train, "test": test}, meta)
+
+
+def stage_args(root):
+    return ["--params", root / "params.yaml", "--finetune", root / "finetune", "--curves", root / "curves",
+            "--data", root / "data", "--pretrain", root / "pretrain.json",
+            "--metrics-dir", root / "metrics", "--plots-dir", root / "plots"]
+
+
+def run_evaluate(root):
+    # DVC_ROOT keeps MLflow's artifact folder inside the test's temporary directory.
+    return run_module("stages.evaluate", *stage_args(root), env={**os.environ, "DVC_ROOT": str(root)})
+
+
+@pytest.fixture
+def fabricated(tmp_path):
+    """Fabricated outputs of every earlier stage; returns (root, {mode: {key: accuracy}})."""
+    accuracy = {m: {fraction_key(f): fabricate_cell(tmp_path, m, f, 0, SKILL[m][f]) for f in FRACTIONS}
+                for m in SKILL}
+    fabricate_data(tmp_path, "data/cifar10-jpeg.tar.gz")
+    write_params(tmp_path / "params.yaml", **{"evaluate.bootstrap_samples": 500})
+    pretrain = {"loss": 5.4321, "knn_accuracy": 0.6123, "epochs": 3, "seconds": 42.0,
+                "images_per_second": 1234.5, "device": "cuda (NVIDIA H100)"}
+    (tmp_path / "pretrain.json").write_text(json.dumps(pretrain))
+    return tmp_path, accuracy
+
+
+def test_evaluate_writes_metrics_figures_and_report(fabricated):
+    root, accuracy = fabricated
+    result = run_evaluate(root)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    keys = {"accuracy", "precision", "recall", "f1", "precision_weighted", "recall_weighted", "f1_weighted",
+            "convergence_epoch", "best_epoch", "seconds"}
+    assert set(summary) == {"baseline", "ssl"}
+    for mode, cells in summary.items():
+        assert set(cells) == {"n100", "n50", "n10"}
+        for key, entry in cells.items():
+            assert keys <= set(entry) and not any("." in k for k in entry)
+            assert entry["accuracy"] == pytest.approx(accuracy[mode][key], abs=1e-4)
+            assert entry["best_epoch"] == 5 and entry["seconds"] == 12.5
+            assert 1 <= entry["convergence_epoch"] <= 6
+    comparison = json.loads((root / "metrics/comparison.json").read_text())
+    for key in ("n100", "n50", "n10"):
+        entry = comparison[key]
+        diff = accuracy["ssl"][key] - accuracy["baseline"][key]
+        assert entry["difference"] == pytest.approx(diff, abs=2e-4)
+        assert entry["ci_low"] < entry["difference"] < entry["ci_high"]
+        assert entry["significant"] is True and entry["mcnemar_p"] < 0.05 and entry["confidence"] == 0.95
+        assert entry["relative"] == pytest.approx(diff / accuracy["baseline"][key], abs=1e-3)
+    efficiency = comparison["label_efficiency"]
+    assert efficiency["ssl_fraction"] == 0.1 and efficiency["note"]
+    per_class = json.loads((root / "metrics/per_class.json").read_text())
+    assert set(per_class["ssl"]["n10"]["per_class_recall"]) == set(cifar.CLASSES)
+    assert np.array(per_class["ssl"]["n10"]["confusion"]).sum() == N_TEST
+    for name in PLOTS:
+        with Image.open(root / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100, name
+    with open(root / "plots/accuracy_vs_fraction.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["fraction"]) for r in rows] == [0.1, 0.5, 1.0]
+    assert float(rows[0]["ssl"]) == pytest.approx(accuracy["ssl"]["n10"], abs=1e-4)
+    text = (root / "metrics/report.md").read_text()
+    for heading in ("Metrics comparison per experiment", "Performance summary", "Improvement analysis",
+                    "Convergence", "Data and device", "SimCLR pretraining", "Label efficiency"):
+        assert f"## {heading}" in text
+    for mode in accuracy:
+        for value in accuracy[mode].values():
+            assert f"{100 * value:.1f}%" in text
+    assert "71.4%" in text and "39.6%" in text and "not reported" in text
+    assert "JPEG (quality 75)" in text and "ab" * 32 in text and "61.2%" in text
+    assert not list((root / "metrics").glob(".*tmp*")) and not list((root / "plots").glob(".*tmp*"))
+
+
+def test_no_results_is_a_one_line_error(fabricated):
+    root, _ = fabricated
+    empty = root / "empty"
+    empty.mkdir()
+    args = stage_args(root)
+    args[args.index("--finetune") + 1] = empty
+    result = run_module("stages.evaluate", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no fine-tune results")
+    assert str(empty) in result.stderr
+
+
+def test_json_without_predictions_is_named(fabricated):
+    root, _ = fabricated
+    (root / "finetune/ssl/n50_s0.npz").unlink()
+    result = run_module("stages.evaluate", *stage_args(root))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "n50_s0.npz" in result.stderr.strip().splitlines()[-1]
+    assert not (root / "metrics/summary.json").exists()
+
+
+def _cells(tmp_path, modes, seeds):
+    for mode in modes:
+        for fraction in FRACTIONS:
+            for seed in seeds:
+                fabricate_cell(tmp_path, mode, fraction, seed, SKILL.get(mode, SKILL["ssl"])[fraction] - 0.05 * seed)
+    return study.load_cells(tmp_path / "finetune", tmp_path / "curves", 10, 1.0)
+
+
+def test_several_seeds_give_mean_and_std(tmp_path):
+    cells = _cells(tmp_path, ("baseline", "ssl", "linear"), seeds=(0, 1))
+    summary, _ = study.summarise(cells, list(cifar.CLASSES))
+    entry = summary["ssl"]["n10"]
+    seeds = [c["metrics"]["accuracy"] for c in cells if c["mode"] == "ssl" and c["key"] == "n10"]
+    assert entry["seeds"] == 2 and entry["accuracy"] == pytest.approx(np.mean(seeds), abs=1e-4)
+    assert entry["accuracy_std"] == pytest.approx(np.std(seeds, ddof=1), abs=1e-4)
+    assert {"f1_std", "convergence_epoch_std", "seconds_std"} <= set(entry)
+    params = {"seed": 0, "evaluate": {"convergence_tolerance": 1.0, "bootstrap_samples": 200, "confidence": 0.9}}
+    comparison = study.compare(cells, params)
+    assert comparison["n10"]["paired_items"] == 2 * N_TEST and comparison["n10"]["seeds"] == 2
+    meta = {"source": "torchvision", "sha256": None, "counts": {}}
+    text = report.build(summary, comparison, meta, {"ssl": ["cpu"]}, params["evaluate"])
+    assert f"{100 * entry['accuracy']:.1f} ± {100 * entry['accuracy_std']:.1f}%" in text
+    assert "linear accuracy" in text and "90% CI" in text and "SimCLR pretraining" not in text
+    assert "JPEG" not in text
+
+
+def test_baseline_only_has_no_comparison(tmp_path):
+    cells = _cells(tmp_path, ("baseline",), seeds=(0,))
+    params = {"seed": 0, "evaluate": {"convergence_tolerance": 1.0, "bootstrap_samples": 200, "confidence": 0.95}}
+    comparison = study.compare(cells, params)
+    assert set(comparison) == {"note"}
+    summary, _ = study.summarise(cells, list(cifar.CLASSES))
+    text = report.build(summary, comparison, {"source": "x"}, {"baseline": ["cpu"]}, params["evaluate"])
+    assert "## Improvement analysis" in text and comparison["note"] in text
