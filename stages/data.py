@@ -4,7 +4,7 @@ from pathlib import Path
 
 from stages.lib import cifar, params, tracking
 from stages.lib.cli import log, run_stage
-from stages.lib.io import atomic_path
+from stages.lib.io import atomic_path, removed_on_failure
 
 
 def add_arguments(parser):
@@ -15,7 +15,7 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "data")
-    with tracking.stage_run("data", p) as run:
+    with removed_on_failure(args.out), tracking.stage_run("data", p) as run:
         meta = prepare(p, args)
         run.log_metrics({f"{split}_images": sum(n.values()) for split, n in meta["counts"].items()})
         run.log_artifact(Path(args.out) / "meta.json")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stages.lib import cifar, params, plots, report, study, tracking
 from stages.lib.cli import UserError, log, run_stage
-from stages.lib.io import read_json, write_csv, write_json, write_text
+from stages.lib.io import read_json, removed_on_failure, write_csv, write_json, write_text
 
 FIGURES = (
     ("Test accuracy vs label fraction", "accuracy_vs_fraction.png"), ("SSL gain over the baseline", "ssl_gain.png"),
@@ -19,6 +19,8 @@ FIGURES = (
     ("Learning rate per epoch", "learning_rate.png"), ("Epochs to convergence", "convergence.png"),
     ("Confusion matrices", "confusion.png"), ("Sample training images", "samples.png"),
 )
+
+METRIC_FILES = ("report.md", "summary.json", "comparison.json", "per_class.json")
 
 
 def add_arguments(parser):
@@ -40,10 +42,10 @@ def run(args):
     cells = study.load_cells(args.finetune, args.curves, len(classes), p["evaluate"]["convergence_tolerance"])
     x, y = cifar.load_prepared(args.data, "train")
     pretrain = read_json(args.pretrain, "pretrain metrics") if Path(args.pretrain).is_file() else None
-    with tracking.stage_run("evaluate", p) as mlflow_run:
+    metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
+    with removed_on_failure(*outputs(metrics_dir, plots_dir)), tracking.stage_run("evaluate", p) as mlflow_run:
         summary, per_class = study.summarise(cells, classes)
         comparison = study.compare(cells, p)
-        metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
         write_json(metrics_dir / "summary.json", summary)
         write_json(metrics_dir / "comparison.json", comparison)
         write_json(metrics_dir / "per_class.json", per_class)
@@ -54,10 +56,16 @@ def run(args):
         write_text(metrics_dir / "report.md", text)
         numbers = tracking.flatten({**summary, "comparison": comparison})
         mlflow_run.log_metrics({k: v for k, v in numbers.items() if isinstance(v, (int, float))})
-        for name in ("report.md", "summary.json", "comparison.json", "per_class.json"):
+        for name in METRIC_FILES:
             mlflow_run.log_artifact(metrics_dir / name)
         mlflow_run.log_artifacts(plots_dir, "plots")
     log(f"evaluate: {len(cells)} cells -> {metrics_dir / 'report.md'}, figures in {plots_dir}")
+
+
+def outputs(metrics_dir, plots_dir):
+    """Every file this stage writes: none may outlive a failed run."""
+    return ([metrics_dir / name for name in METRIC_FILES]
+            + [plots_dir / name for _, name in FIGURES] + [plots_dir / "accuracy_vs_fraction.csv"])
 
 
 def draw(cells, summary, comparison, per_class, classes, train, plots_dir, seed):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import cifar, params, train, tracking
+from stages.lib import cifar, distributed, params, train, tracking
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.finetuning import FinetuneTask
 from stages.lib.io import atomic_path, read_json, write_csv, write_json
@@ -46,8 +46,11 @@ def run(args):
     for fraction in p["fraction"]:
         for seed in p["finetune"]["seeds"]:
             run_cell(args, p, context, fraction, seed, work / f"{fraction_key(fraction)}_s{seed}")
-    publish(work, [f"{fraction_key(f)}_s{s}" for f in p["fraction"] for s in p["finetune"]["seeds"]], args)
-    shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
+    if distributed.is_main():
+        publish(work, [f"{fraction_key(f)}_s{s}" for f in p["fraction"] for s in p["finetune"]["seeds"]], args)
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.cleanup()
 
 
 def load_context(args, device):
@@ -67,7 +70,8 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     labeled = load_split(args.splits, f"train_{fraction_key(fraction)}")
     config = {"finetune": {k: v for k, v in cfg.items() if k not in ("modes", "seeds")}, "model": p["model"],
               "mode": args.mode, "fraction": fraction, "seed": seed, "init": context["init_digest"],
-              "labeled": train.fingerprint(labeled.tolist()), "val": context["val_digest"]}
+              "labeled": train.fingerprint(labeled.tolist()), "val": context["val_digest"],
+              "processes": distributed.world()}
     done = cell_dir / "result.json"
     if done.exists() and read_json(done).get("config") == train.fingerprint(config):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")
@@ -78,7 +82,8 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
     run_params = {**p, "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
-    with tracking.stage_run(f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags) as mlrun:
+    mlflow_run = tracking.stage_run(f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags)
+    with distributed.main_only(mlflow_run) as mlrun:
         task = FinetuneTask(data, backbone, args.mode, cfg, seed, steps, device, len(cifar.CLASSES),
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg["max_epochs"], steps, checkpoint, cfg["checkpoint_every"], f"{args.mode} {key}")
@@ -89,8 +94,9 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
                   "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),
                   "best_val_accuracy": task.best_accuracy, "seconds": round(task.train_seconds, 2),
                   "device": train.device_name(device), "config": train.fingerprint(config)}
-        save_cell(cell_dir, result, context["test_y"], y_pred, task.history)
-        mlrun.log_artifact(cell_dir / "curve.csv")
+        if distributed.is_main():
+            save_cell(cell_dir, result, context["test_y"], y_pred, task.history)
+            mlrun.log_artifact(cell_dir / "curve.csv")
     checkpoint.delete()
     log(f"finetune {args.mode} {key}: test accuracy {test['accuracy']:.4f} (best epoch {task.best_epoch})")
 

@@ -5,9 +5,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import cifar, params, train, tracking
+from stages.lib import cifar, distributed, params, train, tracking
 from stages.lib.cli import UserError, log, run_stage
-from stages.lib.io import write_csv, write_json
+from stages.lib.io import removed_on_failure, write_csv, write_json
+from stages.lib.splits import load_split
 from stages.lib.models import save_backbone
 from stages.lib.simclr import PretrainTask
 
@@ -26,11 +27,9 @@ def run(args):
     p = params.load(args.params, "seed", "model", "pretrain")
     cfg, model = p["pretrain"], p["model"]
     x, y = cifar.load_prepared(args.data, "train")
-    val = np.load(args.val) if Path(args.val).is_file() else None
-    if val is None:
-        raise UserError(f"validation indices not found: {args.val} (run: dvc repro split)")
+    val = load_split(Path(args.val).parent, Path(args.val).stem)
     if cfg["batch_size"] > len(x):
-        raise UserError(f"params.yaml: pretrain.batch_size = {cfg['batch_size']}: above the {len(x)} training images")
+        raise UserError(f"{args.params}: pretrain.batch_size = {cfg['batch_size']}: above the {len(x)} training images")
     device = train.pick_device()
     train.setup(p["seed"], device)
     images = train.images_to_device(x, device)
@@ -38,17 +37,23 @@ def run(args):
     pool = torch.from_numpy(np.setdiff1d(np.arange(len(y)), val)).to(device)
     val_t = torch.from_numpy(val).to(device)
     monitor = (images[pool], labels[pool], images[val_t], labels[val_t])
-    checkpoint = train.Checkpoint(Path(args.checkpoint), {"params": p, "images": len(x), "val": splits_digest(val)})
-    log(f"pretrain: {len(x)} images on {train.device_name(device)}, {model['arch']} width {model['width']}")
-    with tracking.stage_run("pretrain", p, tags={"device": train.device_name(device)}) as mlrun:
+    config = {"params": p, "images": len(x), "val": splits_digest(val), "processes": distributed.world()}
+    checkpoint = train.Checkpoint(Path(args.checkpoint), config)
+    log(f"pretrain: {len(x)} images on {distributed.world()} x {train.device_name(device)}, "
+        f"{model['arch']} width {model['width']}")
+    run_stage_ = tracking.stage_run("pretrain", p, tags={"device": train.device_name(device),
+                                                        "processes": str(distributed.world())})
+    with removed_on_failure(*args.out, args.metrics, args.curve), distributed.main_only(run_stage_) as mlrun:
         task = PretrainTask(images, monitor, cfg, model["arch"], model["width"], p["seed"], device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_every"], "pretrain")
-        summary = write_outputs(args, p, task, device)
-        mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        mlrun.log_artifact(args.curve)
-        mlrun.log_artifact(args.metrics)
+        if distributed.is_main():
+            summary = write_outputs(args, p, task, device)
+            mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            mlrun.log_artifact(args.curve)
+            mlrun.log_artifact(args.metrics)
     checkpoint.delete()
+    distributed.cleanup()
 
 
 def splits_digest(val):
@@ -67,6 +72,7 @@ def write_outputs(args, p, task, device):
         "seconds_per_epoch": round(task.train_seconds / len(history), 3),
         "images_per_second": round(images / task.train_seconds),
         "device": train.device_name(device),
+        "processes": distributed.world(),
     }
     for out in args.out:
         save_backbone(out, task.model.backbone, origin="simclr", params=p)

@@ -5,6 +5,7 @@ Prepared layout: <dir>/train.npz and <dir>/test.npz (x: uint8 (N, 32, 32, 3), y:
 <dir>/meta.json (source, sha256, classes, counts).
 """
 import hashlib
+import http.client
 import io
 import json
 import tarfile
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stages.lib.cli import UserError
+from stages.lib.io import NUMPY_FILE_ERRORS
 from stages.lib.progress import Progress
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -53,21 +55,23 @@ def _read_torchvision(download_dir):
     for split in SPLITS:
         try:
             dataset = CIFAR10(str(download_dir), train=split == "train", download=True)
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, http.client.HTTPException) as error:
             raise UserError(
-                f"could not download CIFAR-10 ({error}); without internet, set data.source in "
-                "params.yaml to a local copy (ImageFolder directory or .tar.gz/.zip archive)"
+                f"could not download CIFAR-10 into {download_dir} ({type(error).__name__}: {error}); "
+                "without internet, set data.source in params.yaml to a local copy (ImageFolder directory "
+                "or .tar/.tar.gz/.zip archive), e.g. dvc exp run -S data.source=path/to/cifar10.tar.gz"
             ) from None
         if tuple(dataset.classes) != CLASSES:
-            raise UserError(f"torchvision CIFAR-10 classes {dataset.classes} are not in CIFAR-10 label order")
+            raise UserError(f"torchvision CIFAR-10 classes {dataset.classes} are not in CIFAR-10 label order "
+                            f"({', '.join(CLASSES)}); check the torchvision version or set data.source")
         arrays[split] = (np.asarray(dataset.data, dtype=np.uint8), np.asarray(dataset.targets, dtype=np.int64))
     return arrays
 
 
 def _directory_files(root):
-    """Yield (relative posix path, bytes) for every file under root, sorted."""
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        yield PurePosixPath(path.relative_to(root).as_posix()), path.read_bytes
+    """Yield (relative posix path, reader) for every file under root, sorted; reader None for a folder."""
+    for path in sorted(root.rglob("*")):
+        yield PurePosixPath(path.relative_to(root).as_posix()), (None if path.is_dir() else path.read_bytes)
 
 
 def _archive_files(path):
@@ -77,21 +81,30 @@ def _archive_files(path):
         else:
             yield from _tar_files(path)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-        raise UserError(f"data.source: {path} is truncated or not a valid archive ({error})") from None
+        detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
+        raise UserError(f"data.source: {path} is truncated or not a valid archive ({detail})") from None
 
 
 def _tar_files(path):
     with tarfile.open(path, "r:*") as archive:
         for member in archive:
-            if member.isfile():
+            if member.isdir():
+                yield PurePosixPath(member.name), None
+            elif member.isfile():
                 data = archive.extractfile(member).read()
                 yield PurePosixPath(member.name), (lambda data=data: data)
+        # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
+        archive.fileobj.seek(archive.offset)
+        if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise tarfile.ReadError("it ends before its end-of-archive marker")
 
 
 def _zip_files(path):
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if not info.is_dir():
+            if info.is_dir():
+                yield PurePosixPath(info.filename), None
+            else:
                 data = archive.read(info)
                 yield PurePosixPath(info.filename), (lambda data=data: data)
 
@@ -102,27 +115,38 @@ def _ignored(rel):
 
 def _collect(files, source):
     """Group image files as {split: {class: [(name, read)]}} and check the tree's shape."""
-    tree, roots = {split: {} for split in SPLITS}, set()
+    tree, roots, folders = {split: {} for split in SPLITS}, set(), set()
     for rel, read in files:
-        if _ignored(rel) or len(rel.parts) < 3 or rel.parts[-3] not in SPLITS:
+        if _ignored(rel):
             continue
-        roots.add(rel.parts[:-3])
-        split, label = rel.parts[-3], rel.parts[-2]
-        tree[split].setdefault(label, []).append((str(rel), read))
+        if read is None:  # a folder: remembered to tell an empty class folder from a missing one
+            folders.add("/".join(rel.parts[-2:]))
+        elif len(rel.parts) >= 3 and rel.parts[-3] in SPLITS:
+            roots.add(rel.parts[:-3])
+            split, label = rel.parts[-3], rel.parts[-2]
+            tree[split].setdefault(label, []).append((f"{rel} in {source}", read))
     if len(roots) > 1:
-        raise UserError(f"{source}: several train/ and test/ folders found ({len(roots)}); keep one CIFAR-10 tree")
+        places = ", ".join(sorted("/".join(root) or "." for root in roots))
+        raise UserError(f"{source}: several train/ and test/ folders found (in {places}); keep one CIFAR-10 tree")
     for split in SPLITS:
-        found = tree[split]
-        if not found:
-            raise UserError(f"{source}: no {split}/<class>/ images found (expected {split}/airplane/..., ...)")
-        missing, extra = sorted(set(CLASSES) - set(found)), sorted(set(found) - set(CLASSES))
-        if missing or extra:
-            raise UserError(
-                f"{source}: {split}/ class folders differ from CIFAR-10's"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + (f"; unexpected: {', '.join(extra)}" if extra else "")
-            )
+        _check_classes(source, split, tree[split], folders)
     return tree
+
+
+def _check_classes(source, split, found, folders):
+    """Refuse a split whose class folders are not exactly CIFAR-10's ten, each with images."""
+    if not found:
+        raise UserError(f"{source}: no {split}/<class>/ images found (expected {split}/airplane/..., ...)")
+    absent, extra = sorted(set(CLASSES) - set(found)), sorted(set(found) - set(CLASSES))
+    empty = [name for name in absent if f"{split}/{name}" in folders]
+    missing = [name for name in absent if f"{split}/{name}" not in folders]
+    if absent or extra:
+        raise UserError(
+            f"{source}: {split}/ class folders differ from CIFAR-10's"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; empty: {', '.join(empty)}" if empty else "")
+            + (f"; unexpected: {', '.join(extra)}" if extra else "")
+        )
 
 
 def _decode(item):
@@ -133,7 +157,9 @@ def _decode(item):
             if image.size != (32, 32):
                 raise UserError(f"{name}: image is {image.size[0]}x{image.size[1]}, CIFAR-10 images are 32x32")
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not a readable image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{name}: not a readable image ({error})") from None
 
 
@@ -193,7 +219,7 @@ def load_prepared(data_dir, split):
     try:
         with np.load(path) as arrays:
             x, y = arrays["x"], arrays["y"]
-    except (OSError, KeyError, ValueError) as error:
+    except NUMPY_FILE_ERRORS as error:
         raise UserError(f"{path} is not a prepared data file ({error}); rerun: dvc repro -f data") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
         raise UserError(f"{path} has unexpected arrays x {x.shape} {x.dtype}, y {y.shape}; rerun: dvc repro -f data")

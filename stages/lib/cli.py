@@ -5,7 +5,9 @@ The last line on stderr is the message; `--debug` or `SSL_DEBUG=1` adds the trac
 """
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 
 
@@ -29,16 +31,38 @@ def run_stage(name, description, add_arguments, run, argv=None):
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SSL_DEBUG", "") not in ("", "0")
+    previous = _interrupt_on_signals()
     try:
         run(args)
     except UserError as error:
         _fail(2, f"error: {error}", debug)
     except StageError as error:
         _fail(1, f"error: {error}", debug)
-    except KeyboardInterrupt:
-        _fail(1, f"error: {name} interrupted", debug)
+    except KeyboardInterrupt as error:
+        _fail(1, f"error: {name} interrupted by {error.args[0] if error.args else 'SIGINT'}; run it again", debug)
     except Exception as error:  # noqa: BLE001 - the single place that reports unexpected failures
         _fail(1, f"error: {name} failed: {type(error).__name__}: {error}", debug)
+    finally:
+        _restore(previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupt_on_signals():
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so cleanup code (temporaries) runs before exit.
+
+    Training loops replace these handlers with their own, which save a checkpoint first.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return {}
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _fail(code, message, debug):

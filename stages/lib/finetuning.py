@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.lib import train
+from stages.lib import distributed, train
 from stages.lib.augment import SupervisedAugment, normalize
+from stages.lib.cli import log
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import Classifier
 
@@ -45,10 +46,11 @@ class FinetuneTask:
         self.model = Classifier(backbone, num_classes).to(device)
         if mode == "linear":
             self.model.backbone.requires_grad_(False)
-        self.compiled = train.prepare_model(self.model, device, p["compile"])
+        self.local = distributed.per_rank_batch(p["batch_size"], "finetune.batch_size")
+        self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
         self.optimizer = train.make_optimizer("sgd", self.model, p["lr"], p["momentum"], p["weight_decay"])
         self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
         self.history, self.best, self.order_epoch = [], None, None
         self.best_accuracy, self.best_epoch, self.stale, self.train_seconds = -1.0, 0, 0, 0.0
 
@@ -57,12 +59,13 @@ class FinetuneTask:
             setattr(self, key, state[key])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generators"][distributed.rank()])
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
         return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "generators": distributed.gather_objects(self.generator.get_state()),
                 "history": self.history, "best": self.best, "best_accuracy": self.best_accuracy,
                 "best_epoch": self.best_epoch, "stale": self.stale, "train_seconds": self.train_seconds}
 
@@ -83,7 +86,8 @@ class FinetuneTask:
         total = self.p["max_epochs"] * self.steps_per_epoch
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
         train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
-        index = self.order[step * batch : (step + 1) * batch]
+        first = step * batch + distributed.rank() * self.local  # this rank's slice of the global batch
+        index = self.order[first : first + self.local]
         x = self.augment(self.data["images"][index], self.generator)  # float32 (B, 3, H, W)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -113,6 +117,10 @@ class FinetuneTask:
         else:
             self.stale += 1
         self.on_epoch(row)
+        if distributed.is_main():
+            log(f"{self.mode} epoch {epoch + 1}/{self.p['max_epochs']}: train loss {mean_loss:.4f}, "
+                f"val accuracy {m['accuracy']:.4f} (best {self.best_accuracy:.4f} at epoch {self.best_epoch}), "
+                f"{seconds:.1f} s")
         return self.stale >= self.p["patience"]
 
     def test_predictions(self, test_x):

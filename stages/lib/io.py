@@ -1,14 +1,23 @@
 """Atomic file output: every file a stage writes appears complete or not at all."""
 import contextlib
 import csv
+import glob
 import json
 import os
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 
-import torch
-
 from stages.lib.cli import UserError
+
+# What reading arrays from an .npz with np.load raises when the file is truncated, foreign
+# (a .npy or pickle under that name) or lacks a key.
+NUMPY_FILE_ERRORS = (OSError, KeyError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+                     zlib.error)
+
+# torch is imported where it is used, so the stages that never need it (data, split,
+# evaluate) start quickly and report bad params at once.
 
 
 @contextlib.contextmanager
@@ -22,6 +31,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
+    _remove_stale_temporaries(path)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -29,6 +39,35 @@ def atomic_path(path):
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _remove_stale_temporaries(path):
+    """Delete temporaries of `path` left by processes that were killed (kill -9, power loss)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def removed_on_failure(*paths):
+    """Delete `paths` (files or directories) if the block fails or is interrupted, so that a
+    failed stage leaves nothing that DVC or the next stage could take for its result."""
+    try:
+        yield
+    except BaseException:
+        remove(*paths)
+        raise
 
 
 def _remove(path):
@@ -75,6 +114,8 @@ def write_csv(path, rows):
 
 
 def save_torch(path, obj):
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -83,6 +124,8 @@ def load_torch(path, what="file"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file

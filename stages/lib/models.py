@@ -103,5 +103,10 @@ def load_backbone(path, arch, width):
             f"{arch} width {width}; rerun the stage that makes it (dvc repro)"
         )
     backbone = ResNet(arch, width)
-    backbone.load_state_dict(saved["state_dict"])
+    try:
+        backbone.load_state_dict(saved["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as error:  # missing, extra or misshapen tensors
+        detail = " ".join(str(error).split())[:300]
+        raise UserError(f"{path} does not hold {arch} width {width} weights ({detail}); "
+                        "rerun the stage that makes it (dvc repro)") from None
     return backbone, saved

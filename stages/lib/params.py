@@ -3,7 +3,9 @@ each key's type and allowed range, and fails with one line naming key, value and
 
 Usage: p = params.load("params.yaml", "seed", "model", "pretrain")
 """
+import difflib
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -110,6 +112,7 @@ FRACTION = _Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
 SCHEMA = {
     "seed": integer(0),
     "fraction": number_list(FRACTION, "a number in (0, 1]"),
+    "launch": text(),
     "data": {
         "source": text(),
         "limit": optional(integer(10)),
@@ -135,6 +138,7 @@ SCHEMA = {
         "knn_temperature": positive(),
         "checkpoint_every": integer(1),
         "compile": boolean(),
+        "sync_batchnorm": boolean(),
         "crop_scale_min": open_unit(),
         "crop_ratio_max": between(1, 10),
         "flip_p": probability(),
@@ -161,6 +165,7 @@ SCHEMA = {
         "flip_p": probability(),
         "checkpoint_every": integer(1),
         "compile": boolean(),
+        "sync_batchnorm": boolean(),
     },
     "evaluate": {
         "convergence_tolerance": non_negative(),
@@ -171,22 +176,59 @@ SCHEMA = {
 
 
 def load(path, *sections):
-    """Return {section: validated value} for the named top-level keys of params file `path`."""
+    """Return {section: validated value} for the named top-level keys of params file `path`.
+
+    Every top-level key is checked against SCHEMA (a typo is reported by every stage);
+    the named sections are validated key by key.
+    """
     path = Path(path)
+    raw = _read(path)
+    _check_known(path, "", raw, SCHEMA)
+    return {name: _validate(path, name, raw, SCHEMA[name]) for name in sections}
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads 1e-3 as a number, as YAML 1.2 and DVC do (PyYAML alone reads text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def _read(path):
     if not path.is_file():
         raise UserError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_bytes(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML: {error.problem or error.context}{where}") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if raw is None:
+        raise UserError(f"{path} is empty; it must hold the sections {', '.join(SCHEMA)}")
     if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of sections")
-    return {name: _validate(path, name, raw, SCHEMA[name]) for name in sections}
+        raise UserError(f"{path} must hold a mapping of the sections {', '.join(SCHEMA)}, not a {type(raw).__name__}")
+    return raw
+
+
+def _check_known(path, prefix, mapping, schema):
+    unknown = sorted(str(key) for key in mapping if key not in schema)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(schema), n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        raise UserError(f"{path}: {prefix}{unknown[0]}: unknown key{hint} (allowed: {', '.join(schema)})")
+
+
+def _allowed(rule):
+    return rule.text if isinstance(rule, _Rule) else f"a section with keys {', '.join(rule)}"
 
 
 def _validate(path, key, parent, rule):
     if key not in parent:
-        raise UserError(f"{path}: {key} is missing")
+        raise UserError(f"{path}: {key} is missing ({_allowed(rule)})")
     value = parent[key]
     if isinstance(rule, dict):
         return _validate_section(path, key, value, rule)
@@ -198,14 +240,12 @@ def _validate(path, key, parent, rule):
 
 def _validate_section(path, name, value, schema):
     if not isinstance(value, dict):
-        raise UserError(f"{path}: {name} = {value!r}: must be a section with keys {', '.join(schema)}")
-    unknown = sorted(set(value) - set(schema))
-    if unknown:
-        raise UserError(f"{path}: {name}.{unknown[0]}: unknown key (allowed: {', '.join(schema)})")
+        raise UserError(f"{path}: {name} = {value!r}: must be {_allowed(schema)}")
+    _check_known(path, f"{name}.", value, schema)
     result = {}
     for key, rule in schema.items():
         if key not in value:
-            raise UserError(f"{path}: {name}.{key} is missing")
+            raise UserError(f"{path}: {name}.{key} is missing ({_allowed(rule)})")
         try:
             result[key] = rule(value[key])
         except ValueError as error:

@@ -15,8 +15,8 @@ def format_seconds(seconds):
 
 
 class Progress:
-    def __init__(self, label, total, unit="it", stream=None, every_s=None):
-        self.label, self.total, self.unit = label, total, unit
+    def __init__(self, label, total, unit="it", stream=None, every_s=None, quiet=False):
+        self.label, self.total, self.unit, self.quiet = label, total, unit, quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every_s = every_s if every_s is not None else (0.2 if self.tty else 10.0)
@@ -27,6 +27,8 @@ class Progress:
     def update(self, done, **fields):
         """Set progress to `done` items; fields (e.g. loss=1.23) are shown after the bar."""
         self.done = done
+        if self.quiet:
+            return
         now = time.perf_counter()
         if now - self.last_draw >= self.every_s or done >= self.total:
             self.last_draw = now

@@ -8,11 +8,12 @@ import time
 import torch
 from torch import nn
 
-from stages.lib import train
+from stages.lib import distributed, train
 from stages.lib.augment import SimCLRAugment
 from stages.lib.cli import log
 from stages.lib.knn import knn_accuracy
 from stages.lib.losses import nt_xent
+from stages.lib.progress import format_seconds
 from stages.lib.models import ProjectionHead, ResNet
 
 AUGMENT_KEYS = ("crop_scale_min", "crop_ratio_max", "flip_p", "jitter_p", "brightness", "contrast",
@@ -37,27 +38,30 @@ class PretrainTask:
     def __init__(self, images, monitor, p, arch, width, seed, device, on_epoch):
         self.images, self.monitor, self.p, self.seed, self.device = images, monitor, p, seed, device
         self.on_epoch = on_epoch  # callback(row): logging of each epoch's history row
-        self.batch = p["batch_size"]
+        self.batch = p["batch_size"]  # global: split evenly over the processes
+        self.local = distributed.per_rank_batch(self.batch, "pretrain.batch_size")
         self.steps_per_epoch = len(images) // self.batch
         self.total_steps = p["epochs"] * self.steps_per_epoch
         self.model = SimCLR(ResNet(arch, width), p["proj_hidden"], p["proj_dim"]).to(device)
-        self.compiled = train.prepare_model(self.model, device, p["compile"])
+        self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
         self.optimizer = train.make_optimizer(p["optimizer"], self.model, p["lr"], p["momentum"], p["weight_decay"])
         self.augment = SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Each rank draws its own augmentations; rank 0 (and a single process) uses `seed` itself.
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
         self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
         self.epoch_start = time.perf_counter()
 
     def restore(self, state):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generators"][distributed.rank()])
         self.history, self.train_seconds = state["history"], state["train_seconds"]
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
         return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "generators": distributed.gather_objects(self.generator.get_state()),
                 "history": self.history, "train_seconds": self.train_seconds}
 
     def step(self, epoch, step):
@@ -67,14 +71,17 @@ class PretrainTask:
         global_step = epoch * self.steps_per_epoch + step
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
         train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.p["lr"]))
-        x = self.images[self.order[step * self.batch : (step + 1) * self.batch]]  # uint8 (B, 3, H, W)
+        first = step * self.batch + distributed.rank() * self.local  # this rank's slice of the global batch
+        x = self.images[self.order[first : first + self.local]]  # uint8 (b, 3, H, W)
         # Both views in one call: per-sample parameters differ, and kernel launches are halved.
-        views = self.augment(x.repeat(2, 1, 1, 1), self.generator)  # (2B, 3, H, W)
+        views = self.augment(x.repeat(2, 1, 1, 1), self.generator)  # (2b, 3, H, W)
         if self.device.type == "cuda":
             views = views.contiguous(memory_format=torch.channels_last)
         with train.autocast(self.device):
-            z = self.compiled(views)  # (2B, proj_dim)
-        loss = nt_xent(z[: self.batch], z[self.batch :], self.p["temperature"])
+            z = self.compiled(views)  # (2b, proj_dim)
+        # Negatives from every rank: (B, proj_dim) per view, gradients flow back to each rank's slice.
+        z1, z2 = distributed.gather(z[: self.local]), distributed.gather(z[self.local :])
+        loss = nt_xent(z1, z2, self.p["temperature"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -86,14 +93,18 @@ class PretrainTask:
         seconds = time.perf_counter() - self.epoch_start
         self.train_seconds += seconds
         last = epoch + 1 == self.p["epochs"]
-        knn = self.knn() if (epoch + 1) % self.p["knn_every"] == 0 or last else None
+        due = (epoch + 1) % self.p["knn_every"] == 0 or last
+        knn = self.knn() if due and distributed.is_main() else None
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                "knn_accuracy": knn, "seconds": seconds,
                "images_per_second": self.steps_per_epoch * self.batch / seconds}
         self.history.append(row)
         self.on_epoch(row)
-        log(f"pretrain epoch {epoch + 1}: loss {mean_loss:.4f}, {row['images_per_second']:,.0f} img/s"
-            + (f", kNN accuracy {knn:.4f}" if knn is not None else ""))
+        eta = (self.p["epochs"] - epoch - 1) * self.train_seconds / len(self.history)
+        if distributed.is_main():
+            log(f"pretrain epoch {epoch + 1}/{self.p['epochs']}: loss {mean_loss:.4f}, "
+                f"{row['images_per_second']:,.0f} img/s" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
+                + f", ETA {format_seconds(eta)}")
         return False
 
     def knn(self):

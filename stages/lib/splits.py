@@ -10,6 +10,7 @@ import numpy as np
 
 from stages.lib.cifar import allocate
 from stages.lib.cli import UserError
+from stages.lib.io import NUMPY_FILE_ERRORS
 
 
 def fraction_key(fraction):
@@ -51,4 +52,7 @@ def load_split(split_dir, name):
     path = Path(split_dir) / f"{name}.npy"
     if not path.is_file():
         raise UserError(f"split not found: {path} (is the fraction in params.yaml? rerun: dvc repro split)")
-    return np.load(path)
+    try:
+        return np.load(path)
+    except NUMPY_FILE_ERRORS as error:
+        raise UserError(f"{path} is not a split index file ({error}); rerun: dvc repro -f split") from None

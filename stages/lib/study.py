@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.lib import metrics, plots
 from stages.lib.cli import UserError, log
-from stages.lib.io import read_json
+from stages.lib.io import NUMPY_FILE_ERRORS, read_json
 
 CELL_KEYS = ("mode", "fraction", "key", "seed", "labeled_images", "best_epoch", "epochs_run", "seconds", "device")
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy", "lr")
@@ -58,7 +58,7 @@ def read_predictions(path):
     try:
         with np.load(path) as arrays:
             y_true, y_pred = arrays["y_true"], arrays["y_pred"]
-    except (OSError, KeyError, ValueError) as error:
+    except NUMPY_FILE_ERRORS as error:
         raise UserError(f"{path} is not a predictions file with y_true and y_pred ({error})") from None
     if y_true.ndim != 1 or y_true.shape != y_pred.shape or y_true.size == 0:
         raise UserError(f"{path}: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty 1-D arrays")
@@ -69,8 +69,11 @@ def read_curve(path):
     """{column: float array over epochs 1..E} of one cell's per-epoch CSV."""
     if not path.is_file():
         raise UserError(f"training curve not found: {path}; rerun the fine-tune stage")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path} is not a CSV file ({error})") from None
     missing = [c for c in CURVE_COLUMNS if not rows or c not in rows[0]]
     if missing:
         raise UserError(f"{path} has no rows or lacks columns {', '.join(missing)}")

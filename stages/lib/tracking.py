@@ -1,13 +1,18 @@
 """MLflow tracking shared by every stage: one run per stage invocation.
 
-Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db, artifacts under
-<repo root>/mlartifacts. The repo root is $DVC_ROOT (set by DVC, and pointing at the
-main repository even for queued experiments run in a temporary folder), else the git
-top level, else the current directory. Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10'.
+Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite store keeps
+its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
+(set by DVC, and pointing at the main repository even for queued experiments run in a
+temporary folder), else the git top level, else the current directory.
+Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10'.
+Several processes may share one SQLite store (parallel queued experiments): its creation
+is serialised with a file lock, and busy writes are retried.
 """
 import contextlib
+import hashlib
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +70,9 @@ def _experiment_id(mlflow, uri):
         if experiment is not None:
             return experiment.experiment_id
         location = None
-        if uri.startswith("sqlite:") or "://" not in uri:
+        if uri.startswith("sqlite:///"):  # artifacts beside the database file
+            location = (Path(uri[len("sqlite:///"):].split("?")[0]).resolve().parent / "mlartifacts").as_uri()
+        elif "://" not in uri:
             location = (repo_root() / "mlartifacts").as_uri()
         return _retry(lambda: mlflow.create_experiment(name, artifact_location=location), "create experiment")
     except UserError:
@@ -96,15 +103,48 @@ class Run:
         self._mlflow.log_artifacts(str(path), artifact_path=folder)
 
 
+@contextlib.contextmanager
+def _env_defaults(**values):
+    """Set environment variables the user has not set, for the duration of the block."""
+    added = [key for key in values if key not in os.environ]
+    os.environ.update({key: str(values[key]) for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _store_lock(uri):
+    """Hold an exclusive lock per SQLite store while it is opened: MLflow creates and migrates
+    a new database without one, so two processes creating mlflow.db at once can break it."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    import fcntl
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mlflow-store-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def connect():
-    """Check the tracking store before any work starts; return the mlflow module."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    """Check the tracking store before any work starts; return the mlflow module.
+
+    An unreachable server fails in seconds (one retry, short timeout); afterwards the run
+    gets MLflow's usual retries, so a blip during a long training run is not fatal."""
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=_experiment_id(mlflow, uri))
+    with _env_defaults(MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_TIMEOUT=10), _store_lock(uri):
+        experiment_id = _experiment_id(mlflow, uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow
 
 

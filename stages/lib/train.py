@@ -4,16 +4,19 @@ import hashlib
 import json
 import math
 import signal
+import time
 
 import torch
 
+from stages.lib import distributed
 from stages.lib.cli import StageError, UserError, log
 from stages.lib.io import load_torch, remove, save_torch
 from stages.lib.progress import Progress
 
 
 def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: a GPU when there is one (under torchrun, the rank's own), else the CPU."""
+    return distributed.setup("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name(device):
@@ -36,10 +39,13 @@ def images_to_device(x, device):
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def prepare_model(model, device, compile_model):
+def prepare_model(model, device, compile_model, sync_batchnorm):
+    """Move model to the device (channels-last on CUDA) and return the module to train with:
+    wrapped in DistributedDataParallel under torchrun, compiled when asked."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap(model, device, sync_batchnorm)
     return torch.compile(model) if compile_model else model
 
 
@@ -117,7 +123,7 @@ class Checkpoint:
         if not self.path.exists():
             return None
         state = load_torch(self.path, "checkpoint")
-        if state.get("fingerprint") != self.fingerprint:
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise UserError(
                 f"checkpoint {self.path} was written with other params or data; it is not resumed "
                 f"(delete it to start over, or restore the params it was made with)"
@@ -126,17 +132,26 @@ class Checkpoint:
         return state
 
     def save(self, state):
-        save_torch(self.path, {**state, "fingerprint": self.fingerprint})
+        if distributed.is_main():
+            save_torch(self.path, {**state, "fingerprint": self.fingerprint})
 
     def delete(self):
-        remove(self.path)
+        if distributed.is_main():
+            remove(self.path)
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a flag that the loop checks between steps."""
+    """Turns the first SIGINT/SIGTERM into a flag that the loop checks between steps.
+
+    A second signal stops at once, unless it comes within `grace_s` of the first: Ctrl-C
+    under torchrun reaches each worker twice (from the terminal and from torchrun's agent),
+    and that must still end with a checkpoint.
+    """
+
+    grace_s = 2.0
 
     def __init__(self):
-        self.requested, self.name, self._previous = False, None, {}
+        self.requested, self.name, self._previous, self._first = False, None, {}, 0.0
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,9 +159,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.requested, self.name = True, signal.Signals(signum).name
+        if self.requested:
+            if time.monotonic() - self._first > self.grace_s:  # a second, deliberate signal
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            return
+        self.requested, self.name, self._first = True, signal.Signals(signum).name, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -157,24 +174,29 @@ class StopSignal:
 def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, label, check_every=20):
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
-    The task provides: restore(state) -> (epoch, step, loss_sum); step(epoch, step) -> loss
-    tensor; end_epoch(epoch, mean_loss) -> True to stop early; state(epoch, step, loss_sum) -> dict.
+    The task provides: device; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
+    loss tensor; end_epoch(epoch, mean_loss) -> True to stop early; state(epoch, step, loss_sum).
+    Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
     state = checkpoint.load()
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
+    single = distributed.world() == 1
     with StopSignal() as stop:
         while epoch < epochs:
-            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch, unit="step")
+            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch, unit="step",
+                                quiet=not distributed.is_main())
             losses = torch.zeros(steps_per_epoch, device=task.device)
             for step in range(start_step, steps_per_epoch):
                 losses[step] = task.step(epoch, step)
-                if (step + 1) % check_every == 0 or step + 1 == steps_per_epoch or stop.requested:
-                    _check_finite(losses, start_step, step, epoch, checkpoint)
-                    progress.update(step + 1, loss=losses[start_step : step + 1].mean().item())
-                if stop.requested:
+                if (step + 1) % check_every and step + 1 < steps_per_epoch and not (single and stop.requested):
+                    continue
+                _check_finite(losses, start_step, step, epoch, checkpoint)
+                progress.update(step + 1, loss=losses[start_step : step + 1].mean().item())
+                if distributed.any_rank(stop.requested, task.device):
                     checkpoint.save(task.state(epoch, step + 1, _total(loss_sum, losses, start_step, step)))
-                    raise StageError(f"{label} stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}; "
-                                     f"checkpoint saved to {checkpoint.path}; run again to resume")
+                    raise StageError(f"{label} stopped by {stop.name or 'a signal to another process'} at epoch "
+                                     f"{epoch + 1}, step {step + 1}; checkpoint saved to {checkpoint.path}; "
+                                     "run again to resume")
             total = _total(loss_sum, losses, start_step, steps_per_epoch - 1)
             stop_early = task.end_epoch(epoch, total.item() / steps_per_epoch)
             epoch, start_step, loss_sum = epoch + 1, 0, None

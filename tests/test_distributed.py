@@ -1,0 +1,142 @@
+"""torchrun/DDP on the CPU (gloo): two processes equal one process on the whole batch, and
+a 2-process pretraining writes exactly one set of outputs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from stages.lib import cifar, distributed, splits
+from stages.lib.losses import nt_xent
+from tests.conftest import REPO, synthetic_images, write_params
+
+BATCH, DIM = 8, 16
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fixed_views():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 3, 8, 8, generator=generator), torch.randn(BATCH, 3, 8, 8, generator=generator)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, DIM))
+
+
+def contrastive_step(model, view1, view2):
+    """The pretraining step's shape: both views in one forward, negatives gathered from every rank."""
+    local = len(view1)
+    z = model(torch.cat([view1, view2]))  # (2b, D)
+    loss = nt_xent(distributed.gather(z[:local]), distributed.gather(z[local:]), 0.5)
+    loss.backward()
+    return loss.item()
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    device = distributed.setup("cpu")
+    model = make_model()
+    ddp = distributed.wrap(model, device, sync_batchnorm=False)
+    view1, view2 = fixed_views()
+    b = distributed.per_rank_batch(BATCH, "batch")
+    part = slice(rank * b, (rank + 1) * b)
+    loss = contrastive_step(ddp, view1[part], view2[part])
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch.save({"loss": loss, "grads": grads}, Path(out) / f"rank{rank}.pt")
+    distributed.cleanup()
+
+
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    model = make_model()
+    loss = contrastive_step(model, *fixed_views())
+    reference = [p.grad for p in model.parameters()]
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["loss"] == pytest.approx(loss, rel=1e-5)
+        for grad, expected in zip(result["grads"], reference):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def tiny_pretraining(tmp_path, epochs):
+    """Prepared synthetic data, splits and params for a short pretraining; returns the params path."""
+    x, y = synthetic_images(16)
+    cifar.save_prepared(tmp_path / "prepared", {"train": (x, y)}, {})
+    val, labeled = splits.make_splits(y, 40, [1.0], seed=0)
+    splits.save_splits(tmp_path / "splits", val, labeled)
+    return write_params(tmp_path / "params.yaml", **{
+        "model.width": 4, "pretrain.epochs": epochs, "pretrain.batch_size": 32, "pretrain.compile": False,
+        "pretrain.proj_hidden": 32, "pretrain.proj_dim": 16, "pretrain.knn_every": 1,
+        "pretrain.checkpoint_every": 100,
+    })
+
+
+def torchrun_pretrain(tmp_path, out, **popen):
+    """Start `torchrun --nproc_per_node 2 -m stages.pretrain` on the tiny data; returns the Popen."""
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
+               "--data", str(tmp_path / "prepared"), "--val", str(tmp_path / "splits/val.npy"),
+               "--out", str(out / "ssl.pt"), "--metrics", str(out / "pretrain.json"),
+               "--curve", str(out / "pretrain.csv"), "--checkpoint", str(tmp_path / "checkpoint.pt")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_two_process_pretraining_writes_one_set_of_outputs(tmp_path):
+    tiny_pretraining(tmp_path, epochs=2)
+    out = tmp_path / "out"
+    process = torchrun_pretrain(tmp_path, out)
+    stderr = process.communicate(timeout=600)[1]
+    assert process.returncode == 0, stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["pretrain.csv", "pretrain.json", "ssl.pt"]
+    metrics = json.loads((out / "pretrain.json").read_text())
+    assert metrics["processes"] == 2 and metrics["epochs"] == 2
+    assert stderr.count("pretrain: done") == 1  # only rank 0 reports and writes
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("simclr-cifar10").experiment_id])
+    assert [run.data.tags["processes"] for run in runs] == ["2"]
+    assert np.isfinite(metrics["loss"])
+
+
+def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
+    """Ctrl-C reaches every process of the group (and torchrun forwards it again): all ranks
+    stop at the same step, rank 0 saves the checkpoint, and a rerun ends like an unbroken run."""
+    tiny_pretraining(tmp_path, epochs=3)
+    reference = torchrun_pretrain(tmp_path, tmp_path / "reference")
+    assert reference.wait(timeout=600) == 0
+    process = torchrun_pretrain(tmp_path, tmp_path / "out", start_new_session=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("pretrain epoch 1/3:"):
+            os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+            break
+    lines += process.stderr.readlines()
+    assert process.wait(timeout=120) != 0
+    assert (tmp_path / "checkpoint.pt").exists(), "".join(lines)[-3000:]
+    assert "stopped by SIGINT" in "".join(lines)
+    resumed = torchrun_pretrain(tmp_path, tmp_path / "out")
+    stderr = resumed.communicate(timeout=600)[1]
+    assert resumed.returncode == 0 and "resuming from" in stderr, stderr[-3000:]
+    final = torch.load(tmp_path / "out/ssl.pt")["state_dict"]
+    expected = torch.load(tmp_path / "reference/ssl.pt")["state_dict"]
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=0)
+    assert not (tmp_path / "checkpoint.pt").exists()
