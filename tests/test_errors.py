@@ -426,7 +426,7 @@ def test_bad_prepared_data_is_named(tmp_path, content):
 
 def test_bad_fine_tune_results_are_named(tmp_path):
     (tmp_path / "n10_s0.npz").write_bytes(npz_bytes(y_true=np.zeros(5), y_pred=np.zeros(5))[:100])
-    with pytest.raises(UserError, match="n10_s0.npz is not a predictions file"):
+    with pytest.raises(UserError, match="n10_s0.npz is not a test predictions file"):
         study.read_predictions(tmp_path / "n10_s0.npz")
     (tmp_path / "n10_s0.csv").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(UserError, match="n10_s0.csv is not a CSV file"):

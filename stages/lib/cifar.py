@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stages.lib.cli import UserError
-from stages.lib.io import NUMPY_FILE_ERRORS
+from stages.lib.io import load_npz
 from stages.lib.progress import Progress
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -214,13 +214,7 @@ def save_prepared(out_dir, arrays, meta):
 def load_prepared(data_dir, split):
     """Return (x uint8 (N, 32, 32, 3), y int64 (N,)) of a prepared split."""
     path = Path(data_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise UserError(f"prepared data not found: {path} (run the data stage: dvc repro data)")
-    try:
-        with np.load(path) as arrays:
-            x, y = arrays["x"], arrays["y"]
-    except NUMPY_FILE_ERRORS as error:
-        raise UserError(f"{path} is not a prepared data file ({error}); rerun: dvc repro -f data") from None
+    x, y = load_npz(path, ("x", "y"), "prepared data", "rerun: dvc repro -f data")
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
         raise UserError(f"{path} has unexpected arrays x {x.shape} {x.dtype}, y {y.shape}; rerun: dvc repro -f data")
     return x, y.astype(np.int64)

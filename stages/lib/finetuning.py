@@ -94,15 +94,10 @@ class FinetuneTask:
         with train.autocast(self.device):
             logits = self.compiled(x)  # (B, C)
         loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.p["label_smoothing"])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return train.optimize(self.optimizer, loss)
 
     def end_epoch(self, epoch, mean_loss):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - self.epoch_start
+        seconds = train.seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
         logits = predict(self.model, self.data["val_x"])
         val_loss = F.cross_entropy(logits, self.data["val_y"]).item()

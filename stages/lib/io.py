@@ -130,3 +130,17 @@ def load_torch(path, what="file"):
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         raise UserError(f"{what} {path} is not a readable PyTorch file: {error}") from None
+
+
+def load_npz(path, keys, what, hint):
+    """Arrays `keys` of the .npz file `path`; a missing or unreadable file is a UserError naming it."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path} ({hint})")
+    try:
+        with np.load(path) as arrays:
+            return tuple(arrays[key] for key in keys)
+    except NUMPY_FILE_ERRORS as error:
+        raise UserError(f"{path} is not a {what} file with {', '.join(keys)} ({error}); {hint}") from None

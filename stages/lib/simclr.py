@@ -82,15 +82,10 @@ class PretrainTask:
         # Negatives from every rank: (B, proj_dim) per view, gradients flow back to each rank's slice.
         z1, z2 = distributed.gather(z[: self.local]), distributed.gather(z[self.local :])
         loss = nt_xent(z1, z2, self.p["temperature"])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return train.optimize(self.optimizer, loss)
 
     def end_epoch(self, epoch, mean_loss):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - self.epoch_start
+        seconds = train.seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
         last = epoch + 1 == self.p["epochs"]
         due = (epoch + 1) % self.p["knn_every"] == 0 or last

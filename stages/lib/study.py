@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.lib import metrics, plots
 from stages.lib.cli import UserError, log
-from stages.lib.io import NUMPY_FILE_ERRORS, read_json
+from stages.lib.io import load_npz, read_json
 
 CELL_KEYS = ("mode", "fraction", "key", "seed", "labeled_images", "best_epoch", "epochs_run", "seconds", "device")
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy", "lr")
@@ -53,13 +53,7 @@ def load_cells(finetune_dir, curves_dir, num_classes, tolerance):
 
 def read_predictions(path):
     """(y_true, y_pred) int64 arrays (n_test,) of one cell."""
-    if not path.is_file():
-        raise UserError(f"test predictions not found: {path} (its .json exists); rerun the fine-tune stage")
-    try:
-        with np.load(path) as arrays:
-            y_true, y_pred = arrays["y_true"], arrays["y_pred"]
-    except NUMPY_FILE_ERRORS as error:
-        raise UserError(f"{path} is not a predictions file with y_true and y_pred ({error})") from None
+    y_true, y_pred = load_npz(path, ("y_true", "y_pred"), "test predictions", "rerun the fine-tune stage")
     if y_true.ndim != 1 or y_true.shape != y_pred.shape or y_true.size == 0:
         raise UserError(f"{path}: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty 1-D arrays")
     return y_true.astype(np.int64), y_pred.astype(np.int64)

@@ -97,6 +97,21 @@ def make_optimizer(name, model, lr, momentum, weight_decay):
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
 
 
+def optimize(optimizer, loss):
+    """One optimizer step on `loss`; returns the loss, detached (it stays on the device: no sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def seconds_since(start, device):
+    """Wall-clock seconds since `start` (perf_counter), once the device has finished its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
