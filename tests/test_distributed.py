@@ -140,3 +140,35 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=0)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
+    x, y = synthetic_images(16)
+    test_x, test_y = synthetic_images(4, seed=9)
+    cifar.save_prepared(tmp_path / "prepared", {"train": (x, y), "test": (test_x, test_y)}, {})
+    val, labeled = splits.make_splits(y, 40, [1.0, 0.5], seed=0)
+    splits.save_splits(tmp_path / "splits", val, labeled)
+    params = write_params(tmp_path / "params.yaml", **{
+        "fraction": [1.0, 0.5], "model.width": 4, "finetune.max_epochs": 2, "finetune.batch_size": 32,
+        "finetune.compile": False})
+    torch.manual_seed(0)
+    from stages.lib.models import ResNet, save_backbone
+
+    save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4), origin="random", params={})
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.finetune", "--params", str(params), "--mode", "baseline",
+               "--init", str(tmp_path / "baseline.pt"), "--data", str(tmp_path / "prepared"),
+               "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out"),
+               "--curves", str(tmp_path / "curves"), "--work", str(tmp_path / "work")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "n100_s0.json", "n100_s0.npz", "n50_s0.json", "n50_s0.npz"]
+    assert sorted(p.name for p in (tmp_path / "curves").iterdir()) == ["n100_s0.csv", "n50_s0.csv"]
+    assert not (tmp_path / "work").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("simclr-cifar10").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["baseline-n100_s0", "baseline-n50_s0"]

@@ -437,7 +437,7 @@ class NaNTask:
     """A stand-in training task whose loss becomes NaN at (epoch, step)."""
 
     def __init__(self, bad):
-        self.device, self.bad, self.weight = torch.device("cpu"), bad, 0.0
+        self.device, self.bad, self.weight, self.images_per_step = torch.device("cpu"), bad, 0.0, 1
 
     def restore(self, state):
         self.weight = state["weight"]

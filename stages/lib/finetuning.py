@@ -46,6 +46,7 @@ class FinetuneTask:
         self.model = Classifier(backbone, num_classes).to(device)
         if mode == "linear":
             self.model.backbone.requires_grad_(False)
+        self.images_per_step = p["batch_size"]  # global: split evenly over the processes
         self.local = distributed.per_rank_batch(p["batch_size"], "finetune.batch_size")
         self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
         self.optimizer = train.make_optimizer("sgd", self.model, p["lr"], p["momentum"], p["weight_decay"])

@@ -38,7 +38,7 @@ class PretrainTask:
     def __init__(self, images, monitor, p, arch, width, seed, device, on_epoch):
         self.images, self.monitor, self.p, self.seed, self.device = images, monitor, p, seed, device
         self.on_epoch = on_epoch  # callback(row): logging of each epoch's history row
-        self.batch = p["batch_size"]  # global: split evenly over the processes
+        self.batch = self.images_per_step = p["batch_size"]  # global: split evenly over the processes
         self.local = distributed.per_rank_batch(self.batch, "pretrain.batch_size")
         self.steps_per_epoch = len(images) // self.batch
         self.total_steps = p["epochs"] * self.steps_per_epoch

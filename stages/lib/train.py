@@ -189,7 +189,7 @@ class StopSignal:
 def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, label, check_every=20):
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
-    The task provides: device; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
+    The task provides: device, images_per_step; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
     loss tensor; end_epoch(epoch, mean_loss) -> True to stop early; state(epoch, step, loss_sum).
     Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
@@ -198,15 +198,15 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, labe
     single = distributed.world() == 1
     with StopSignal() as stop:
         while epoch < epochs:
-            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch, unit="step",
-                                quiet=not distributed.is_main())
+            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch * task.images_per_step,
+                                unit="img", quiet=not distributed.is_main())
             losses = torch.zeros(steps_per_epoch, device=task.device)
             for step in range(start_step, steps_per_epoch):
                 losses[step] = task.step(epoch, step)
                 if (step + 1) % check_every and step + 1 < steps_per_epoch and not (single and stop.requested):
                     continue
                 _check_finite(losses, start_step, step, epoch, checkpoint)
-                progress.update(step + 1, loss=losses[start_step : step + 1].mean().item())
+                progress.update((step + 1) * task.images_per_step, loss=losses[start_step : step + 1].mean().item())
                 if distributed.any_rank(stop.requested, task.device):
                     checkpoint.save(task.state(epoch, step + 1, _total(loss_sum, losses, start_step, step)))
                     raise StageError(f"{label} stopped by {stop.name or 'a signal to another process'} at epoch "
