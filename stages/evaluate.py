@@ -17,7 +17,7 @@ FIGURES = (
     ("Test accuracy vs label fraction", "accuracy_vs_fraction.png"), ("SSL gain over the baseline", "ssl_gain.png"),
     ("Validation accuracy per epoch", "val_accuracy.png"), ("Training loss per epoch", "train_loss.png"),
     ("Learning rate per epoch", "learning_rate.png"), ("Epochs to convergence", "convergence.png"),
-    ("Confusion matrices", "confusion.png"), ("Sample training images", "samples.png"),
+    ("Confusion matrices", "confusion.png"),
 )
 
 METRIC_FILES = ("report.md", "summary.json", "comparison.json", "per_class.json")
@@ -31,6 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--pretrain", required=True, help="SimCLR metrics JSON (skipped when absent)")
     parser.add_argument("--metrics-dir", required=True, help="where summary.json, comparison.json, report.md go")
     parser.add_argument("--plots-dir", required=True, help="where the PNGs and accuracy_vs_fraction.csv go")
+    parser.add_argument("--samples", required=True,
+                        help="grid of sample training images (PNG); kept apart, as it shows the data itself")
 
 
 def run(args):
@@ -43,15 +45,18 @@ def run(args):
     x, y = cifar.load_prepared(args.data, "train")
     pretrain = read_json(args.pretrain, "pretrain metrics") if Path(args.pretrain).is_file() else None
     metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
-    with removed_on_failure(*outputs(metrics_dir, plots_dir)), tracking.stage_run("evaluate", p) as mlflow_run:
+    samples = Path(args.samples)
+    with removed_on_failure(*outputs(metrics_dir, plots_dir), samples), tracking.stage_run("evaluate", p) as mlflow_run:
         summary, per_class = study.summarise(cells, classes)
         comparison = study.compare(cells, p)
         write_json(metrics_dir / "summary.json", summary)
         write_json(metrics_dir / "comparison.json", comparison)
         write_json(metrics_dir / "per_class.json", per_class)
-        draw(cells, summary, comparison, per_class, classes, (x, y), plots_dir, p["seed"])
+        draw(cells, summary, comparison, per_class, classes, plots_dir)
+        plots.sample_grid(x, y, classes, samples, seed=p["seed"])
         devices = {m: sorted({c["device"] for c in cells if c["mode"] == m}) for m in summary}
         figures = [(title, os.path.relpath(plots_dir / name, metrics_dir)) for title, name in FIGURES]
+        figures.append(("Sample training images", os.path.relpath(samples, metrics_dir)))
         text = report.build(summary, comparison, meta, devices, p["evaluate"], pretrain, figures)
         write_text(metrics_dir / "report.md", text)
         numbers = tracking.flatten({**summary, "comparison": comparison})
@@ -59,6 +64,7 @@ def run(args):
         for name in METRIC_FILES:
             mlflow_run.log_artifact(metrics_dir / name)
         mlflow_run.log_artifacts(plots_dir, "plots")
+        mlflow_run.log_artifact(samples, "plots")
     log(f"evaluate: {len(cells)} cells -> {metrics_dir / 'report.md'}, figures in {plots_dir}")
 
 
@@ -68,10 +74,8 @@ def outputs(metrics_dir, plots_dir):
             + [plots_dir / name for _, name in FIGURES] + [plots_dir / "accuracy_vs_fraction.csv"])
 
 
-def draw(cells, summary, comparison, per_class, classes, train, plots_dir, seed):
-    """Write every figure and accuracy_vs_fraction.csv into plots_dir."""
-    x, y = train
-    plots.sample_grid(x, y, classes, plots_dir / "samples.png", seed=seed)
+def draw(cells, summary, comparison, per_class, classes, plots_dir):
+    """Write every figure of the results and accuracy_vs_fraction.csv into plots_dir."""
     for column, label, name in (("val_accuracy", "Validation accuracy", "val_accuracy.png"),
                                 ("train_loss", "Training loss", "train_loss.png"),
                                 ("lr", "Learning rate", "learning_rate.png")):

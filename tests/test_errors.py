@@ -556,7 +556,7 @@ def evaluate_args(root, case, plots_dir_is_a_file=False, **params_edits):
         (base / "plots").write_text("not a folder")
     return ["--params", base / "params.yaml", "--finetune", base / "finetune", "--curves", base / "curves",
             "--data", base / "data", "--pretrain", base / "pretrain.json",
-            "--metrics-dir", base / "metrics", "--plots-dir", base / "plots"]
+            "--metrics-dir", base / "metrics", "--plots-dir", base / "plots", "--samples", base / "samples.png"]
 
 
 # (id, module, args(project root, case name), exit code, culprits on the last line, outputs

@@ -16,7 +16,7 @@ FRACTIONS = (1.0, 0.5, 0.1)
 # Chance of a correct test prediction per mode and fraction: SSL better everywhere.
 SKILL = {"baseline": {1.0: 0.60, 0.5: 0.50, 0.1: 0.35}, "ssl": {1.0: 0.75, 0.5: 0.70, 0.1: 0.62}}
 N_TEST = 1000
-PLOTS = ("samples", "val_accuracy", "train_loss", "learning_rate", "convergence", "ssl_gain",
+PLOTS = ("val_accuracy", "train_loss", "learning_rate", "convergence", "ssl_gain",
          "accuracy_vs_fraction", "confusion")
 
 
@@ -55,7 +55,7 @@ def fabricate_data(root, source):
 def stage_args(root):
     return ["--params", root / "params.yaml", "--finetune", root / "finetune", "--curves", root / "curves",
             "--data", root / "data", "--pretrain", root / "pretrain.json",
-            "--metrics-dir", root / "metrics", "--plots-dir", root / "plots"]
+            "--metrics-dir", root / "metrics", "--plots-dir", root / "plots", "--samples", root / "samples.png"]
 
 
 def run_evaluate(root):
@@ -104,9 +104,9 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
     per_class = json.loads((root / "metrics/per_class.json").read_text())
     assert set(per_class["ssl"]["n10"]["per_class_recall"]) == set(cifar.CLASSES)
     assert np.array(per_class["ssl"]["n10"]["confusion"]).sum() == N_TEST
-    for name in PLOTS:
-        with Image.open(root / "plots" / f"{name}.png") as image:
-            assert image.format == "PNG" and image.width > 100 and image.height > 100, name
+    for path in [root / "plots" / f"{name}.png" for name in PLOTS] + [root / "samples.png"]:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100, path
     with open(root / "plots/accuracy_vs_fraction.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["fraction"]) for r in rows] == [0.1, 0.5, 1.0]

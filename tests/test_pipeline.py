@@ -77,7 +77,10 @@ def test_dvc_repro_runs_the_whole_study(project):
 
         with Image.open(png) as image:
             assert image.size[0] > 100 and image.size[1] > 100
-    assert len(list((project / "plots/evaluate").glob("*.png"))) == 8
+    assert len(list((project / "plots/evaluate").glob("*.png"))) == 7
+    assert (project / "plots/samples.png").exists()
+    # The grid shows the data itself: DVC's cache keeps it, git ignores it.
+    assert sh("git", "check-ignore", "plots/samples.png", cwd=project, check=False).returncode == 0
     assert "Improvement analysis" in (project / "metrics/report.md").read_text()
     shown = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
     assert "n10" in shown and "knn_accuracy" in shown
