@@ -173,3 +173,18 @@ def test_augment_on_gpu_is_finite_in_float32(simclr_augment):
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda")
     views = simclr_augment(images, torch.Generator(device="cuda").manual_seed(0))
     assert views.dtype == torch.float32 and torch.isfinite(views).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pretraining_with_bf16_compile_and_channels_last(tmp_path):
+    x, y = synthetic_images(64, seed=0)
+    device = torch.device("cuda")
+    images, labels = train.images_to_device(x, device), torch.from_numpy(y).to(device)
+    monitor = (images[::2], labels[::2], images[1::2], labels[1::2])
+    path = write_params(tmp_path / "params.yaml", **{"pretrain.epochs": 2, "pretrain.batch_size": 128,
+                                                     "pretrain.knn_every": 1, "pretrain.compile": True})
+    p = params_lib.load(path, "pretrain")["pretrain"]
+    task = PretrainTask(images, monitor, p, "resnet18", 16, 0, device, on_epoch=lambda row: None)
+    train.run_epochs(task, p["epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 1, "gpu")
+    assert all(math.isfinite(row["loss"]) for row in task.history)
+    assert task.history[-1]["knn_accuracy"] is not None
