@@ -1,5 +1,6 @@
 """Shared test helpers: synthetic CIFAR-like data (no ../shared needed) and an isolated MLflow store."""
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,19 @@ def write_params(path, **overrides):
         node[keys[-1]] = value
     Path(path).write_text(yaml.safe_dump(params, sort_keys=False))
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def stage_env(tmp_path_factory):
+    """One MLflow store for a module's stage subprocesses, artifacts in a temp dir, one thread each."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root),
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Tiny params, prepared data, splits and init weights for running single stages (tests.faults)."""
+    from tests.faults import prepare_project
+
+    return prepare_project(tmp_path_factory.mktemp("project"))

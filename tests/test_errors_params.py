@@ -1,0 +1,99 @@
+"""Bad params: type and range of every key, unknown and missing keys, broken files; each named in one line."""
+
+import pytest
+
+from stages.lib import params
+from stages.lib.cli import UserError
+from tests.conftest import write_params
+from tests.faults import (
+    TINY, deleter, edited_params, renamer, setter,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Params: type and range of every key, unknown and missing keys, broken files
+
+
+PARAM_CASES = [
+    ("fraction-zero", setter("fraction", 0), ["fraction = 0", "(0, 1]"]),
+    ("fraction-above-one", setter("fraction", [1.0, 1.5]), ["fraction = [1.0, 1.5]", "(0, 1]"]),
+    ("fraction-repeated", setter("fraction", [0.5, 0.5]), ["fraction", "distinct"]),
+    ("fraction-empty", setter("fraction", []), ["fraction = []", "non-empty"]),
+    ("seed-negative", setter("seed", -1), ["seed = -1", ">= 0"]),
+    ("seed-bool", setter("seed", True), ["seed = True", "integer"]),
+    ("val-size-text", setter("data.val_size", "5000"), ["data.val_size = '5000'", "integer"]),
+    ("limit-tiny", setter("data.limit", 3), ["data.limit = 3", "null or"]),
+    ("source-empty", setter("data.source", ""), ["data.source = ''", "non-empty"]),
+    ("arch-unknown", setter("model.arch", "resnet50"), ["model.arch = 'resnet50'", "resnet18, resnet34"]),
+    ("width-float", setter("model.width", 6.5), ["model.width = 6.5", "integer >= 4"]),
+    ("epochs-zero", setter("pretrain.epochs", 0), ["pretrain.epochs = 0", ">= 1"]),
+    ("batch-one", setter("pretrain.batch_size", 1), ["pretrain.batch_size = 1", ">= 2"]),
+    ("temperature-zero", setter("pretrain.temperature", 0.0), ["pretrain.temperature = 0.0", "> 0"]),
+    ("temperature-nan", setter("pretrain.temperature", float("nan")), ["pretrain.temperature = nan", "> 0"]),
+    ("lr-negative", setter("pretrain.lr", -0.1), ["pretrain.lr = -0.1", "> 0"]),
+    ("optimizer-unknown", setter("pretrain.optimizer", "adam"), ["pretrain.optimizer = 'adam'", "sgd, lars"]),
+    ("flip-p-above-one", setter("pretrain.flip_p", 1.5), ["pretrain.flip_p = 1.5", "[0, 1]"]),
+    ("grayscale-p-negative", setter("pretrain.grayscale_p", -0.2), ["pretrain.grayscale_p = -0.2", "[0, 1]"]),
+    ("crop-scale-one", setter("pretrain.crop_scale_min", 1.0), ["pretrain.crop_scale_min = 1.0", "(0, 1)"]),
+    ("compile-text", setter("pretrain.compile", "maybe"), ["pretrain.compile = 'maybe'", "true or false"]),
+    ("patience-zero", setter("finetune.patience", 0), ["finetune.patience = 0", ">= 1"]),
+    ("max-epochs-text", setter("finetune.max_epochs", "ten"), ["finetune.max_epochs = 'ten'", ">= 1"]),
+    ("mode-unknown", setter("finetune.modes", ["ssl", "sll"]), ["finetune.modes = ['ssl', 'sll']", "baseline, ssl"]),
+    ("seeds-negative", setter("finetune.seeds", [0, -1]), ["finetune.seeds = [0, -1]", ">= 0"]),
+    ("confidence-one", setter("evaluate.confidence", 1.0), ["evaluate.confidence = 1.0", "(0, 1)"]),
+    ("section-typo", renamer("fraction", "fractions"), ["fractions: unknown key", "did you mean fraction?"]),
+    ("top-level-extra", setter("learning_rate", 0.1), ["learning_rate: unknown key", "allowed: seed"]),
+    ("key-typo", lambda raw: raw["pretrain"].update(epoch=raw["pretrain"].pop("epochs")),
+     ["pretrain.epoch: unknown key", "did you mean pretrain.epochs?"]),
+    ("key-missing", deleter("pretrain.temperature"), ["pretrain.temperature is missing", "> 0"]),
+    ("section-missing", deleter("model"), ["model is missing", "a section with keys arch, width"]),
+    ("section-not-mapping", setter("pretrain", 5), ["pretrain = 5", "a section with keys epochs"]),
+]
+
+
+@pytest.mark.parametrize("edit, culprits", [case[1:] for case in PARAM_CASES], ids=[c[0] for c in PARAM_CASES])
+def test_bad_params_are_named(tmp_path, edit, culprits):
+    path = edited_params(tmp_path / "params.yaml", edit)
+    with pytest.raises(UserError) as error:
+        params.load(path, *params.SCHEMA)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    for culprit in culprits:
+        assert culprit in message
+
+
+BROKEN_FILES = [
+    ("empty", "", ["is empty", "seed, fraction"]),
+    ("comments-only", "# nothing here\n", ["is empty"]),
+    ("a-list", "- seed\n- fraction\n", ["mapping", "not a list"]),
+    ("a-string", "just some text\n", ["mapping", "not a str"]),
+    ("bad-yaml", "seed: 0\nfraction: [1.0, 0.5\n", ["not valid YAML", "line 3"]),
+    ("bad-indent", "seed: 0\n  fraction: 1.0\n", ["not valid YAML", "line 2"]),
+    ("not-utf8", b"seed: \xff\xfe\x00\n", ["not valid YAML"]),
+]
+
+
+@pytest.mark.parametrize("content, culprits", [c[1:] for c in BROKEN_FILES], ids=[c[0] for c in BROKEN_FILES])
+def test_broken_params_file_is_named(tmp_path, content, culprits):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError) as error:
+        params.load(path, "seed")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    for culprit in culprits:
+        assert culprit in str(error.value)
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="params file not found: .*nowhere.yaml"):
+        params.load(tmp_path / "nowhere.yaml", "seed")
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    """YAML 1.2 (and DVC's -S) read 1e-3 as a number; PyYAML alone would read text."""
+    path = write_params(tmp_path / "params.yaml", **TINY)
+    path.write_text(path.read_text().replace("  lr: 0.24", "  lr: 1e-3").replace("  lr: 0.1", "  lr: 2E-2"))
+    p = params.load(path, "pretrain", "finetune")
+    assert p["pretrain"]["lr"] == 0.001 and p["finetune"]["lr"] == 0.02
+
+
