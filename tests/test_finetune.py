@@ -41,8 +41,9 @@ def test_fine_tuning_learns_well_above_chance(tmp_path):
 
 def test_early_stopping_stops_after_patience(tmp_path):
     torch.manual_seed(0)
-    task = run(tmp_path, "baseline", ResNet("resnet18", 4), finetune_params(tmp_path, **{"finetune.lr": 1e-12}))
-    # With a learning rate of ~0 validation accuracy never improves after epoch 1.
+    task = run(tmp_path, "linear", ResNet("resnet18", 4), finetune_params(tmp_path, **{"finetune.lr": 1e-12}))
+    # Frozen backbone (BatchNorm statistics too) and a learning rate of ~0: validation accuracy
+    # never improves after epoch 1.
     assert task.best_epoch == 1 and len(task.history) == 1 + 3
 
 
