@@ -5,6 +5,7 @@ operation is one batched kornia call (one affine warp for crop and flip), so the
 per-image Python work and no host round trip. Computed in float32 (kornia's hue in float16
 can give NaN). Input: uint8 (B, 3, H, W); output: normalized float32 (B, 3, H, W).
 """
+import functools
 import math
 
 import kornia
@@ -15,12 +16,23 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+@functools.lru_cache(maxsize=None)
+def _statistics(device):
+    """(mean, std) as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy on
+    every step would make the host wait for the GPU."""
+    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+
+
+def standardize(x):
+    """float32 in [0, 1] (B, 3, H, W) -> normalized with the CIFAR-10 statistics."""
+    mean, std = _statistics(x.device)
+    return (x - mean) / std
+
+
 def normalize(x):
     """uint8 (B, 3, H, W) -> float32 normalized (B, 3, H, W)."""
-    x = x.float() / 255.0
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return standardize(x.float() / 255.0)
 
 
 def _uniform(generator, batch, low, high, device):
@@ -69,9 +81,7 @@ class SimCLRAugment:
         x = self._jitter(x, generator)
         gray = _chance(generator, batch, self.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
-        mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return standardize(x)
 
     def _crop_flip(self, x, generator):
         batch, _, height, width = x.shape
