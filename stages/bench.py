@@ -21,7 +21,6 @@ from stages.lib.simclr import PretrainTask
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file (model and pretrain sections)")
     parser.add_argument("--images", type=int, help="images per epoch (default: 50,000 on CUDA, 2,048 on CPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per micro-benchmark")
     parser.add_argument("--json", help="also write the figures to this JSON file")

@@ -8,7 +8,6 @@ from stages.lib.io import atomic_path, removed_on_failure
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--out", required=True, help="output directory of the prepared data")
     parser.add_argument("--download-dir", required=True, help="where the torchvision source downloads to")
 

@@ -24,7 +24,6 @@ METRIC_FILES = ("report.md", "summary.json", "comparison.json", "per_class.json"
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--finetune", required=True, help="fine-tune results: <mode>/<key>_s<seed>.json and .npz")
     parser.add_argument("--curves", required=True, help="per-epoch curves: <mode>/<key>_s<seed>.csv")
     parser.add_argument("--data", required=True, help="prepared data directory (meta.json, train.npz)")

@@ -4,6 +4,7 @@ with early stopping on the validation split, and save each cell's test predictio
 Cells are built in --work (resumable: a finished cell is kept, an interrupted one resumes
 from its checkpoint) and moved to --out and --curves only when every cell is done.
 """
+import copy
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,6 @@ ORIGIN = {"baseline": "random", "ssl": "simclr", "linear": "simclr"}
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--mode", required=True, choices=sorted(ORIGIN), help="fine-tuning mode")
     parser.add_argument("--init", required=True, help="starting backbone weights (data/init/<mode>.pt)")
     parser.add_argument("--data", required=True, help="prepared data directory")
@@ -34,21 +34,20 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "fraction", "model", "finetune")
-    _, saved = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
+    initial, saved = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
     if saved.get("origin") != ORIGIN[args.mode]:
         raise UserError(f"{args.init} holds {saved.get('origin')} weights; mode {args.mode} needs "
                         f"{ORIGIN[args.mode]} weights (run: dvc repro)")
     device = train.pick_device()
     train.setup(p["seed"], device)
     context = load_context(args, device)
-    context["init_digest"] = cifar.sha256(args.init)
-    work = Path(args.work)
-    for fraction in p["fraction"]:
-        for seed in p["finetune"]["seeds"]:
-            run_cell(args, p, context, fraction, seed, work / f"{fraction_key(fraction)}_s{seed}")
+    context.update(initial=initial, init_digest=cifar.sha256(args.init))
+    work, cells = Path(args.work), [(f, s) for f in p["fraction"] for s in p["finetune"]["seeds"]]
+    for fraction, seed in cells:
+        run_cell(args, p, context, fraction, seed, work / cell_key(fraction, seed))
     distributed.barrier()
     if distributed.is_main():
-        publish(work, [f"{fraction_key(f)}_s{s}" for f in p["fraction"] for s in p["finetune"]["seeds"]], args)
+        publish(work, [cell_key(f, s) for f, s in cells], args)
         shutil.rmtree(work, ignore_errors=True)
     distributed.cleanup()
 
@@ -65,8 +64,13 @@ def load_context(args, device):
             "test_x": train.images_to_device(test_x, device), "test_y": test_y}
 
 
+def cell_key(fraction, seed):
+    """A cell's name in files: n10_s0."""
+    return f"{fraction_key(fraction)}_s{seed}"
+
+
 def run_cell(args, p, context, fraction, seed, cell_dir):
-    key, cfg, device = f"{fraction_key(fraction)}_s{seed}", p["finetune"], context["device"]
+    key, cfg, device = cell_key(fraction, seed), p["finetune"], context["device"]
     labeled = load_split(args.splits, f"train_{fraction_key(fraction)}")
     config = {"finetune": {k: v for k, v in cfg.items() if k not in ("modes", "seeds")}, "model": p["model"],
               "mode": args.mode, "fraction": fraction, "seed": seed, "init": context["init_digest"],
@@ -77,7 +81,7 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")
         return
     steps = max(1, (context["pool"] if cfg["equal_steps"] else len(labeled)) // cfg["batch_size"])
-    backbone, _ = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
+    backbone = copy.deepcopy(context["initial"])  # every cell starts from the same weights
     data = {**context, "labeled": torch.from_numpy(labeled).to(device)}
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}

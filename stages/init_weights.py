@@ -8,7 +8,6 @@ from stages.lib.models import ResNet, save_backbone
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--out", required=True, help="weights file to write")
 
 

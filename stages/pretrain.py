@@ -14,7 +14,6 @@ from stages.lib.simclr import PretrainTask
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--data", required=True, help="prepared data directory")
     parser.add_argument("--val", required=True, help="validation indices (.npy) from the split stage")
     parser.add_argument("--out", required=True, nargs="+", help="backbone weights file(s) to write")
@@ -37,13 +36,13 @@ def run(args):
     pool = torch.from_numpy(np.setdiff1d(np.arange(len(y)), val)).to(device)
     val_t = torch.from_numpy(val).to(device)
     monitor = (images[pool], labels[pool], images[val_t], labels[val_t])
-    config = {"params": p, "images": len(x), "val": splits_digest(val), "processes": distributed.world()}
+    config = {"params": p, "images": len(x), "val": train.fingerprint(val.tolist()), "processes": distributed.world()}
     checkpoint = train.Checkpoint(Path(args.checkpoint), config)
     log(f"pretrain: {len(x)} images on {distributed.world()} x {train.device_name(device)}, "
         f"{model['arch']} width {model['width']}")
-    run_stage_ = tracking.stage_run("pretrain", p, tags={"device": train.device_name(device),
+    mlflow_run = tracking.stage_run("pretrain", p, tags={"device": train.device_name(device),
                                                         "processes": str(distributed.world())})
-    with removed_on_failure(*args.out, args.metrics, args.curve), distributed.main_only(run_stage_) as mlrun:
+    with removed_on_failure(*args.out, args.metrics, args.curve), distributed.main_only(mlflow_run) as mlrun:
         task = PretrainTask(images, monitor, cfg, model["arch"], model["width"], p["seed"], device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_every"], "pretrain")
@@ -56,14 +55,10 @@ def run(args):
     distributed.cleanup()
 
 
-def splits_digest(val):
-    return train.fingerprint(val.tolist())
-
-
 def write_outputs(args, p, task, device):
     history = task.history
     last_knn = next(row["knn_accuracy"] for row in reversed(history) if row["knn_accuracy"] is not None)
-    images = sum(row["images_per_second"] * row["seconds"] for row in history)
+    images = len(history) * task.steps_per_epoch * task.batch
     summary = {
         "loss": round(history[-1]["loss"], 4),
         "knn_accuracy": round(last_knn, 4),

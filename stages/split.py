@@ -6,7 +6,6 @@ from stages.lib.io import atomic_path, removed_on_failure
 
 
 def add_arguments(parser):
-    parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--data", required=True, help="prepared data directory")
     parser.add_argument("--out", required=True, help="output directory of the index files")
 

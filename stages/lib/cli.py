@@ -20,13 +20,15 @@ class StageError(Exception):
 
 
 def log(message):
-    """Progress and status lines go to stderr, so stdout stays clean."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress and status lines go to stderr, so stdout stays clean; under torchrun, rank 0's only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def run_stage(name, description, add_arguments, run, argv=None):
     """Parse arguments, call `run(args)`, and turn exceptions into one line and an exit code."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (DVC's params.yaml)")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)

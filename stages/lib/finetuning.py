@@ -12,30 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib import distributed, train
-from stages.lib.augment import SupervisedAugment, normalize
+from stages.lib.augment import SupervisedAugment
 from stages.lib.cli import log
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import Classifier
 
 
-@torch.no_grad()
-def predict(model, images, batch_size=1024):
-    """uint8 (N, 3, H, W) on the device -> logits float32 (N, C), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = images.device
-    logits = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with train.autocast(device):
-            logits.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(logits)
-
-
-class FinetuneTask:
+class FinetuneTask(train.Task):
     """One fine-tuning cell. `data` holds device tensors: images (N, 3, H, W) uint8, labels (N,),
     labeled (L,) indices into them, val_x, val_y."""
 
@@ -51,24 +34,11 @@ class FinetuneTask:
         self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
         self.optimizer = train.make_optimizer("sgd", self.model, p["lr"], p["momentum"], p["weight_decay"])
         self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
-        self.generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
+        self.generator = train.rank_generator(seed, device)
         self.history, self.best, self.order_epoch = [], None, None
         self.best_accuracy, self.best_epoch, self.stale, self.train_seconds = -1.0, 0, 0, 0.0
 
-    def restore(self, state):
-        for key in ("history", "best", "best_accuracy", "best_epoch", "stale", "train_seconds"):
-            setattr(self, key, state[key])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generators"][distributed.rank()])
-        return state["epoch"], state["step"], state["loss_sum"]
-
-    def state(self, epoch, step, loss_sum):
-        return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "generators": distributed.gather_objects(self.generator.get_state()),
-                "history": self.history, "best": self.best, "best_accuracy": self.best_accuracy,
-                "best_epoch": self.best_epoch, "stale": self.stale, "train_seconds": self.train_seconds}
+    kept = ("history", "best", "best_accuracy", "best_epoch", "stale", "train_seconds")
 
     def _order(self, epoch):
         """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
@@ -87,11 +57,8 @@ class FinetuneTask:
         total = self.p["max_epochs"] * self.steps_per_epoch
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
         train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
-        first = step * batch + distributed.rank() * self.local  # this rank's slice of the global batch
-        index = self.order[first : first + self.local]
-        x = self.augment(self.data["images"][index], self.generator)  # float32 (B, 3, H, W)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        index = train.rank_batch(self.order, step, batch, self.local)
+        x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
             logits = self.compiled(x)  # (B, C)
         loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.p["label_smoothing"])
@@ -100,7 +67,7 @@ class FinetuneTask:
     def end_epoch(self, epoch, mean_loss):
         seconds = train.seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
-        logits = predict(self.model, self.data["val_x"])
+        logits = train.infer(self.model, self.data["val_x"])
         val_loss = F.cross_entropy(logits, self.data["val_y"]).item()
         m = classification_metrics(self.data["val_y"].cpu().numpy(), logits.argmax(1).cpu().numpy(), self.num_classes)
         row = {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val_loss, "val_accuracy": m["accuracy"],
@@ -113,14 +80,13 @@ class FinetuneTask:
         else:
             self.stale += 1
         self.on_epoch(row)
-        if distributed.is_main():
-            log(f"{self.mode} epoch {epoch + 1}/{self.p['max_epochs']}: train loss {mean_loss:.4f}, "
-                f"val accuracy {m['accuracy']:.4f} (best {self.best_accuracy:.4f} at epoch {self.best_epoch}), "
-                f"{seconds:.1f} s")
+        log(f"{self.mode} epoch {epoch + 1}/{self.p['max_epochs']}: train loss {mean_loss:.4f}, "
+            f"val accuracy {m['accuracy']:.4f} (best {self.best_accuracy:.4f} at epoch {self.best_epoch}), "
+            f"{seconds:.1f} s")
         return self.stale >= self.p["patience"]
 
     def test_predictions(self, test_x):
         """Predicted labels (N,) of the best-validation weights on the test images."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.best)
-        return predict(model, test_x).argmax(1).cpu().numpy().astype(np.int64)
+        return train.infer(model, test_x).argmax(1).cpu().numpy().astype(np.int64)

@@ -6,21 +6,12 @@ features votes for its label with weight exp(similarity / temperature).
 import torch
 import torch.nn.functional as F
 
-from stages.lib.augment import normalize
+from stages.lib.train import infer
 
 
-@torch.no_grad()
 def embed(backbone, images, batch_size):
     """uint8 (N, 3, H, W) on the model's device -> L2-normalized float32 features (N, D)."""
-    was_training = backbone.training
-    backbone.eval()
-    features = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            features.append(F.normalize(backbone(x).float(), dim=1))
-    backbone.train(was_training)
-    return torch.cat(features)
+    return F.normalize(infer(backbone, images, batch_size), dim=1)
 
 
 @torch.no_grad()

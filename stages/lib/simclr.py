@@ -5,7 +5,6 @@ makes two augmented views on the device, and minimises NT-Xent on their projecti
 """
 import time
 
-import torch
 from torch import nn
 
 from stages.lib import distributed, train
@@ -32,7 +31,7 @@ class SimCLR(nn.Module):
         return self.head(self.backbone(x))
 
 
-class PretrainTask:
+class PretrainTask(train.Task):
     """One SimCLR run. `monitor` holds the kNN images: (train_x, train_y, val_x, val_y) on the device."""
 
     def __init__(self, images, monitor, p, arch, width, seed, device, on_epoch):
@@ -46,23 +45,9 @@ class PretrainTask:
         self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
         self.optimizer = train.make_optimizer(p["optimizer"], self.model, p["lr"], p["momentum"], p["weight_decay"])
         self.augment = SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
-        # Each rank draws its own augmentations; rank 0 (and a single process) uses `seed` itself.
-        self.generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
+        self.generator = train.rank_generator(seed, device)  # each rank draws its own augmentations
         self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
         self.epoch_start = time.perf_counter()
-
-    def restore(self, state):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generators"][distributed.rank()])
-        self.history, self.train_seconds = state["history"], state["train_seconds"]
-        return state["epoch"], state["step"], state["loss_sum"]
-
-    def state(self, epoch, step, loss_sum):
-        return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "generators": distributed.gather_objects(self.generator.get_state()),
-                "history": self.history, "train_seconds": self.train_seconds}
 
     def step(self, epoch, step):
         if self.order_epoch != epoch:
@@ -71,12 +56,9 @@ class PretrainTask:
         global_step = epoch * self.steps_per_epoch + step
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
         train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.p["lr"]))
-        first = step * self.batch + distributed.rank() * self.local  # this rank's slice of the global batch
-        x = self.images[self.order[first : first + self.local]]  # uint8 (b, 3, H, W)
+        x = self.images[train.rank_batch(self.order, step, self.batch, self.local)]  # uint8 (b, 3, H, W)
         # Both views in one call: per-sample parameters differ, and kernel launches are halved.
-        views = self.augment(x.repeat(2, 1, 1, 1), self.generator)  # (2b, 3, H, W)
-        if self.device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
+        views = train.channels_last(self.augment(x.repeat(2, 1, 1, 1), self.generator))  # (2b, 3, H, W)
         with train.autocast(self.device):
             z = self.compiled(views)  # (2b, proj_dim)
         # Negatives from every rank: (B, proj_dim) per view, gradients flow back to each rank's slice.
@@ -96,10 +78,9 @@ class PretrainTask:
         self.history.append(row)
         self.on_epoch(row)
         eta = (self.p["epochs"] - epoch - 1) * self.train_seconds / len(self.history)
-        if distributed.is_main():
-            log(f"pretrain epoch {epoch + 1}/{self.p['epochs']}: loss {mean_loss:.4f}, "
-                f"{row['images_per_second']:,.0f} img/s" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
-                + f", ETA {format_seconds(eta)}")
+        log(f"pretrain epoch {epoch + 1}/{self.p['epochs']}: loss {mean_loss:.4f}, "
+            f"{row['images_per_second']:,.0f} img/s" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
+            + f", ETA {format_seconds(eta)}")
         return False
 
     def knn(self):

@@ -9,6 +9,7 @@ import time
 import torch
 
 from stages.lib import distributed
+from stages.lib.augment import normalize
 from stages.lib.cli import StageError, UserError, log
 from stages.lib.io import load_torch, remove, save_torch
 from stages.lib.progress import Progress
@@ -52,6 +53,21 @@ def prepare_model(model, device, compile_model, sync_batchnorm):
 def autocast(device):
     """bf16 autocast on CUDA; plain float32 elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def infer(model, images, batch_size=1024):
+    """Outputs of `model` in eval mode, float32 (N, ...), for uint8 images (N, 3, H, W) on its device,
+    `batch_size` at a time (a memory bound, not a setting: results do not depend on it)."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = channels_last(normalize(images[start : start + batch_size]))
+        with autocast(images.device):
+            outputs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outputs)
 
 
 def lr_at(step, total_steps, warmup_steps, peak):
@@ -115,6 +131,46 @@ def seconds_since(start, device):
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class Task:
+    """What pretraining and fine-tuning share for `run_epochs`: a checkpointable state.
+
+    Subclasses set model, optimizer, generator (see `rank_generator`) and name in
+    `kept` the attributes that a checkpoint must carry besides those.
+    """
+
+    kept = ("history", "train_seconds")
+
+    def restore(self, state):
+        for key in self.kept:
+            setattr(self, key, state[key])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generators"][distributed.rank()])
+        return state["epoch"], state["step"], state["loss_sum"]
+
+    def state(self, epoch, step, loss_sum):
+        return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generators": distributed.gather_objects(self.generator.get_state()),
+                **{key: getattr(self, key) for key in self.kept}}
+
+
+def rank_generator(seed, device):
+    """This rank's random stream on the device; rank 0 (and a single process) uses `seed` itself."""
+    return torch.Generator(device=device).manual_seed(seed + 1_000_003 * distributed.rank())
+
+
+def rank_batch(order, step, batch, local):
+    """This rank's `local` indices of step `step`'s global batch of `batch` indices in `order`."""
+    first = step * batch + distributed.rank() * local
+    return order[first : first + local]
+
+
+def channels_last(x):
+    """The memory layout the convolutions run fastest in on CUDA; unchanged elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def epoch_order(n, seed, epoch, device):
