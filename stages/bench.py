@@ -1,34 +1,48 @@
-"""Benchmark of SimCLR pretraining speed on whatever device there is (not a DVC stage).
+"""Benchmark of the study's speed on whatever device there is (not a DVC stage).
 
-Prints images per second for (a) the augmentation pipeline alone, and each of its kornia
-operations, (b) the train step alone on pre-made views, (c) a full SimCLR epoch, using the
-model and pretrain settings of params.yaml on random images.
+Measures, with the model, pretrain and finetune settings of params.yaml on random images:
+(a) the SimCLR augmentation alone and each of its kornia operations, (b) the SimCLR train
+step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode inference, image
+decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of
+the study that params.yaml describes (stages/lib/budget.py), from those measured figures.
 
     python -m stages.bench                 # 50,000 images on a GPU, 2,048 on a CPU
     python -m stages.bench --images 4096 --json bench.json
 """
+import io
+import subprocess
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import kornia
+import numpy as np
 import torch
+from PIL import Image
 
-from stages.lib import params, train
-from stages.lib.augment import affine_crop_flip
+from stages.lib import budget, params, train
+from stages.lib.augment import affine_crop_flip, color_jitter, jitter_order
 from stages.lib.cli import log, run_stage
 from stages.lib.io import write_json
 from stages.lib.losses import nt_xent
 from stages.lib.simclr import PretrainTask
 
+TEST_IMAGES = 10_000  # CIFAR-10's test set, for the budget
+
 
 def add_arguments(parser):
     parser.add_argument("--images", type=int, help="images per epoch (default: 50,000 on CUDA, 2,048 on CPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per micro-benchmark")
+    parser.add_argument("--evaluate-seconds", type=float, default=10.0,
+                        help="the evaluate stage's work for the budget [s] (CPU-bound; 10 s measured on 2 CPU cores)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
 
 
-def timed(fn, repeats, device):
-    """Seconds per call of fn(), after two warm-up calls."""
-    for _ in range(2):
+def timed(fn, repeats, device, warmup=2):
+    """Seconds per call of fn(), after `warmup` untimed calls."""
+    for _ in range(warmup):
         fn()
     sync(device)
     start = time.perf_counter()
@@ -49,6 +63,8 @@ def augmentation_ops(task, x, generator):
     factor = torch.full((batch,), 1.2, device=device)
     box = torch.tensor([[2.0, 3.0, 20.0, 24.0]], device=device).expand(batch, 4)
     flip = torch.rand(batch, device=device) < 0.5
+    factors = {"brightness": factor, "contrast": factor, "saturation": factor, "hue": factor - 1.0}
+    on = torch.ones(batch, dtype=torch.bool, device=device)
     return {
         "crop+flip (one affine warp)": lambda: affine_crop_flip(x, box, flip),
         "brightness": lambda: kornia.enhance.adjust_brightness_accumulative(x, factor),
@@ -56,28 +72,45 @@ def augmentation_ops(task, x, generator):
         "saturation": lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor),
         "hue": lambda: kornia.enhance.adjust_hue(x, factor - 1.0),
         "grayscale": lambda: kornia.color.rgb_to_grayscale(x),
-        "whole pipeline (both views)": lambda: task.augment(task.images[:batch].repeat(2, 1, 1, 1), generator),
+        "jitter, random order (16 ops)": lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
+        "whole pipeline": lambda: task.augment(task.images[:batch], generator),
     }
 
 
-def run(args):
-    p = params.load(args.params, "model", "pretrain")
-    cfg, device = p["pretrain"], train.pick_device()
-    n = args.images or (50_000 if device.type == "cuda" else 2_048)
-    train.setup(0, device)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.zeros(n, dtype=torch.int64, device=device)
-    monitor = (images[:2], labels[:2], images[:2], labels[:2])
-    task = PretrainTask(images, monitor, {**cfg, "epochs": 1}, p["model"]["arch"], p["model"]["width"], 0,
-                        device, on_epoch=lambda row: None)
-    batch = cfg["batch_size"]
-    results = {"device": train.device_name(device), "batch_size": batch, "images": n}
-    log(f"bench: {results['device']}, {p['model']['arch']} width {p['model']['width']}, batch {batch}, "
-        f"compile {cfg['compile']}")
-    x = images[:batch].float() / 255.0
+def decode_rate(n=2_000):
+    """Images per second that the data stage's decoding (PIL, 4 threads) reaches on JPEG files."""
+    rng = np.random.default_rng(0)
+    files = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=75)
+        files.append(buffer.getvalue())
+
+    def decode(data):
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(decode, files, chunksize=256))
+    return n / (time.perf_counter() - start)
+
+
+def stage_start_seconds(device):
+    """Seconds a fresh process takes to import a stage with torch, kornia and MLflow and reach the device."""
+    code = f"import mlflow, torch, stages.finetune; torch.zeros(1, device='{device.type}')"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    return time.perf_counter() - start
+
+
+def measure(task, cfg, device, repeats):
+    """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint."""
+    batch, results = cfg["batch_size"], {}
+    x = task.images[:batch].float() / 255.0
     for name, fn in augmentation_ops(task, x, task.generator).items():
-        results[f"augment {name} img/s"] = round(batch / timed(fn, args.repeats, device))
-    views = task.augment(images[:batch].repeat(2, 1, 1, 1), task.generator)  # (2B, 3, H, W)
+        results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
+    views = task.augment(task.images[:batch].repeat(2, 1, 1, 1), task.generator)  # (2B, 3, H, W)
 
     def train_step():
         with train.autocast(device):
@@ -87,14 +120,60 @@ def run(args):
         loss.backward()
         task.optimizer.step()
 
-    results["train step img/s"] = round(batch / timed(train_step, args.repeats, device))
+    start = time.perf_counter()
+    train_step()  # the first call compiles when compile is on
+    sync(device)
+    results["first step (compile) s"] = round(time.perf_counter() - start, 2)
+    results["train step views/s"] = round(2 * batch / timed(train_step, repeats, device))
     results.update(full_epoch(task, device))
-    aug = batch / results["augment whole pipeline (both views) img/s"]  # seconds per step
-    results["augmentation share of step"] = round(aug / (batch / results["epoch img/s"]), 3)
+    results["inference img/s"] = round(len(task.images) / timed(
+        lambda: train.infer(task.model.backbone, task.images), max(1, repeats // 5), device, warmup=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = train.Checkpoint(Path(tmp) / "ck.pt", {})
+        results["checkpoint write s"] = round(timed(lambda: checkpoint.save(task.state(0, 0, None)), 2, device, 1), 3)
+    return results
+
+
+def run(args):
+    p = params.load(args.params, "fraction", "data", "model", "pretrain", "finetune")
+    cfg, device = p["pretrain"], train.pick_device()
+    n = args.images or (50_000 if device.type == "cuda" else 2_048)
+    train.setup(0, device)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    monitor = (images[:2], labels[:2], images[:2], labels[:2])
+    task = PretrainTask(images, monitor, {**cfg, "epochs": 1}, p["model"]["arch"], p["model"]["width"], 0,
+                        device, on_epoch=lambda row: None)
+    results = {"device": train.device_name(device), "batch_size": cfg["batch_size"], "images": n}
+    log(f"bench: {results['device']}, {p['model']['arch']} width {p['model']['width']}, batch {cfg['batch_size']}, "
+        f"compile {cfg['compile']}")
+    results.update(measure(task, cfg, device, args.repeats))
+    results["augmentation share of step"] = round(
+        results["epoch views/s"] / results["augment whole pipeline views/s"], 3)
+    results["decode img/s"] = round(decode_rate())
+    results["stage start-up s"] = round(stage_start_seconds(device), 2)
     for key, value in results.items():
-        print(f"{key:40s} {value:>14,}" if isinstance(value, (int, float)) else f"{key:40s} {value:>14}")
+        print(f"{key:48s} {value:>14,}" if isinstance(value, (int, float)) else f"{key:48s} {value:>14}")
+    rows, total = budget.study_budget(rates_from(results, args.evaluate_seconds), study_from(p))
+    print(f"\nTime budget of the study in {args.params}, from these figures:\n\n{budget.format_budget(rows, total)}")
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, {**results, "budget": rows, "budget_total_s": round(total, 1)})
+
+
+def rates_from(results, evaluate_seconds):
+    return budget.Rates(
+        train_views_per_s=results["train step views/s"], augment_views_per_s=results["augment whole pipeline views/s"],
+        infer_images_per_s=results["inference img/s"], decode_images_per_s=results["decode img/s"],
+        stage_start_s=results["stage start-up s"], compile_s=results["first step (compile) s"],
+        checkpoint_s=results["checkpoint write s"], evaluate_s=evaluate_seconds)
+
+
+def study_from(p):
+    """The study params.yaml describes (CIFAR-10's 50,000 training images unless data.limit)."""
+    train_images = min(50_000, p["data"]["limit"] or 50_000)
+    return budget.Study(train_images=train_images, test_images=TEST_IMAGES, val_images=p["data"]["val_size"],
+                        fractions=tuple(p["fraction"]), seeds=len(p["finetune"]["seeds"]),
+                        modes=len(p["finetune"]["modes"]), pretrain=p["pretrain"], finetune=p["finetune"])
 
 
 def full_epoch(task, device):
@@ -109,6 +188,7 @@ def full_epoch(task, device):
     seconds = time.perf_counter() - start
     images = task.steps_per_epoch * task.batch
     return {"epoch seconds": round(seconds, 3), "epoch img/s": round(images / seconds),
+            "epoch views/s": round(2 * images / seconds),
             "seconds per 50,000-image epoch": round(50_000 / (images / seconds), 3)}
 
 

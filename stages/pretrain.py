@@ -45,7 +45,7 @@ def run(args):
     with removed_on_failure(*args.out, args.metrics, args.curve), distributed.main_only(mlflow_run) as mlrun:
         task = PretrainTask(images, monitor, cfg, model["arch"], model["width"], p["seed"], device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
-        train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_every"], "pretrain")
+        train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_seconds"], "pretrain")
         if distributed.is_main():
             summary = write_outputs(args, p, task, device)
             mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -65,7 +65,8 @@ def write_outputs(args, p, task, device):
         "epochs": len(history),
         "seconds": round(task.train_seconds, 1),
         "seconds_per_epoch": round(task.train_seconds / len(history), 3),
-        "images_per_second": round(images / task.train_seconds),
+        "images_per_second": round(images / task.train_seconds),  # training images a second
+        "views_per_second": round(2 * images / task.train_seconds),  # augmented views through the network
         "device": train.device_name(device),
         "processes": distributed.world(),
     }

@@ -82,7 +82,7 @@ def tiny_pretraining(tmp_path, epochs):
     return write_params(tmp_path / "params.yaml", **{
         "model.width": 4, "pretrain.epochs": epochs, "pretrain.batch_size": 32, "pretrain.compile": False,
         "pretrain.proj_hidden": 32, "pretrain.proj_dim": 16, "pretrain.knn_every": 1,
-        "pretrain.checkpoint_every": 100,
+        "pretrain.checkpoint_seconds": 100_000,
     })
 
 

@@ -93,13 +93,13 @@ class NaNTask:
         return torch.tensor(float("nan") if (epoch, step) == self.bad else 1.0)
 
     def end_epoch(self, epoch, mean_loss):
-        return False
+        pass
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = train.Checkpoint(tmp_path / "checkpoint.pt", {"config": 1})
     with pytest.raises(StageError) as error:
-        train.run_epochs(NaNTask(bad=(2, 3)), 5, 6, checkpoint, 1, "pretrain")
+        train.run_epochs(NaNTask(bad=(2, 3)), 5, 6, checkpoint, 0, "pretrain")
     assert "loss is nan at epoch 3, step 4" in str(error.value)
     assert f"the last good checkpoint is {tmp_path / 'checkpoint.pt'}" in str(error.value)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)

@@ -133,7 +133,7 @@ def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
 
     task.step = interrupted_step
     checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p})
-    train.run_epochs(task, p["epochs"], task.steps_per_epoch, checkpoint, 1, "pretrain")
+    train.run_epochs(task, p["epochs"], task.steps_per_epoch, checkpoint, 0, "pretrain")
     return task
 
 
@@ -185,6 +185,6 @@ def test_gpu_pretraining_with_bf16_compile_and_channels_last(tmp_path):
                                                      "pretrain.knn_every": 1, "pretrain.compile": True})
     p = params_lib.load(path, "pretrain")["pretrain"]
     task = PretrainTask(images, monitor, p, "resnet18", 16, 0, device, on_epoch=lambda row: None)
-    train.run_epochs(task, p["epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 1, "gpu")
+    train.run_epochs(task, p["epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 0, "gpu")
     assert all(math.isfinite(row["loss"]) for row in task.history)
     assert task.history[-1]["knn_accuracy"] is not None

@@ -35,8 +35,9 @@ def normalize(x):
     return standardize(x.float() / 255.0)
 
 
-def _uniform(generator, batch, low, high, device):
-    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+def _uniform(generator, shape, low, high, device):
+    """Uniform in [low, high), float32 of `shape` (an int or a tuple)."""
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
 
 
 def _chance(generator, batch, p, device):
@@ -64,51 +65,112 @@ def affine_crop_flip(x, box, flip, mode="bilinear", padding_mode="reflection"):
     )
 
 
+# The colour-jitter operations, in the order `jitter_order` numbers them (0..3).
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# Tries of the random resized crop before its fallback (torchvision's RandomResizedCrop: 10).
+CROP_TRIES = 10
+
+
+def resized_crop_boxes(generator, batch, height, width, scale_min, ratio_max, device):
+    """Integer crop boxes (x0, y0, w, h) float32 (B, 4) drawn as torchvision's RandomResizedCrop.get_params.
+
+    Per sample: up to CROP_TRIES tries of an area uniform in [scale_min, 1] of the image and an
+    aspect ratio log-uniform in [1 / ratio_max, ratio_max], w and h rounded to pixels; the first
+    try that fits the image wins, with an offset uniform over the integer positions. Samples with
+    no fitting try fall back to the central crop of the largest box within the ratio range.
+    All tries are drawn at once, (B, CROP_TRIES), so there is no loop and no host sync.
+    """
+    log_ratio = math.log(ratio_max)
+    area = _uniform(generator, (batch, CROP_TRIES), scale_min, 1.0, device) * (height * width)
+    ratio = torch.exp(_uniform(generator, (batch, CROP_TRIES), -log_ratio, log_ratio, device))
+    w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))  # (B, T) each
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, T)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # index of the first fitting try (0 when none)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)  # (B,) each
+    fallback_w, fallback_h = _fallback_size(height, width, ratio_max)
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    x0 = torch.floor(torch.rand(batch, generator=generator, device=device) * (width - w + 1))
+    y0 = torch.floor(torch.rand(batch, generator=generator, device=device) * (height - h + 1))
+    x0 = torch.where(found, x0, torch.floor((width - w) / 2))
+    y0 = torch.where(found, y0, torch.floor((height - h) / 2))
+    return torch.stack([x0, y0, w, h], 1)
+
+
+def _fallback_size(height, width, ratio_max):
+    """(w, h) of torchvision's fallback: the whole image, cut to the nearest allowed aspect ratio."""
+    aspect, ratio_min = width / height, 1.0 / ratio_max
+    if aspect < ratio_min:
+        return float(width), float(round(width / ratio_min))
+    if aspect > ratio_max:
+        return float(round(height * ratio_max)), float(height)
+    return float(width), float(height)
+
+
+def jitter_order(generator, batch, device):
+    """A random order of the four jitter operations per sample, as ColorJitter draws it:
+    int64 (B, 4), row b a permutation of 0..3 (indices into JITTER_OPS)."""
+    return torch.rand(batch, len(JITTER_OPS), generator=generator, device=device).argsort(1)
+
+
+def _jitter_op(name, x, factor):
+    """One colour operation with a per-sample factor (B,) on float images (B, 3, H, W) in [0, 1]."""
+    if name == "brightness":
+        return kornia.enhance.adjust_brightness_accumulative(x, factor)
+    if name == "contrast":
+        return kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor)
+    if name == "saturation":
+        return kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor)
+    return kornia.enhance.adjust_hue(x, factor * 2 * math.pi)  # turns -> radians
+
+
+def color_jitter(x, factors, order, on):
+    """Apply the four operations to each sample in its own order, batched.
+
+    x float (B, 3, H, W) in [0, 1]; factors {name: (B,)} (neutral: 1, hue 0); order (B, 4) from
+    `jitter_order`; on bool (B,) (samples left unchanged where False). Round r applies, to every
+    sample, the operation order[:, r] names: each operation runs on the whole batch and is kept
+    only where it is that sample's r-th (4 x 4 batched calls, no per-sample work, no host sync).
+    """
+    mask = on.view(-1, 1, 1, 1)
+    for position in range(len(JITTER_OPS)):
+        for index, name in enumerate(JITTER_OPS):
+            chosen = (order[:, position] == index).view(-1, 1, 1, 1) & mask  # (B, 1, 1, 1)
+            x = torch.where(chosen, _jitter_op(name, x, factors[name]).clamp(0.0, 1.0), x)
+    return x
+
+
 class SimCLRAugment:
-    """Random resized crop, horizontal flip, colour jitter and grayscale (SimCLR's CIFAR recipe)."""
+    """Random resized crop, horizontal flip, colour jitter (random order) and grayscale:
+    SimCLR's CIFAR recipe, drawn as torchvision's transforms draw it, per sample."""
 
     def __init__(self, crop_scale_min, crop_ratio_max, flip_p, jitter_p, brightness, contrast,
                  saturation, hue, grayscale_p):
-        self.crop_scale_min, self.log_ratio = crop_scale_min, math.log(crop_ratio_max)
+        self.crop_scale_min, self.crop_ratio_max = crop_scale_min, crop_ratio_max
         self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.spread = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
 
     def __call__(self, images, generator):
         """uint8 (B, 3, H, W) -> normalized float32 (B, 3, H, W); randomness from `generator`."""
-        batch, device = images.shape[0], images.device
+        batch, _, height, width = images.shape
+        device = images.device
         x = images.float() / 255.0
-        x = self._crop_flip(x, generator)
+        box = resized_crop_boxes(generator, batch, height, width, self.crop_scale_min, self.crop_ratio_max, device)
+        x = affine_crop_flip(x, box, _chance(generator, batch, self.flip_p, device))
         x = self._jitter(x, generator)
         gray = _chance(generator, batch, self.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
         return standardize(x)
 
-    def _crop_flip(self, x, generator):
-        batch, _, height, width = x.shape
-        device = x.device
-        area = _uniform(generator, batch, self.crop_scale_min, 1.0, device) * height * width
-        ratio = torch.exp(_uniform(generator, batch, -self.log_ratio, self.log_ratio, device))
-        w = torch.sqrt(area * ratio).clamp(max=width)  # crops wider than the image are clipped
-        h = torch.sqrt(area / ratio).clamp(max=height)
-        x0 = torch.rand(batch, generator=generator, device=device) * (width - w)
-        y0 = torch.rand(batch, generator=generator, device=device) * (height - h)
-        flip = _chance(generator, batch, self.flip_p, device)
-        return affine_crop_flip(x, torch.stack([x0, y0, w, h], 1), flip)
-
     def _jitter(self, x, generator):
-        """Brightness, contrast, saturation, hue (in that order), each factor per sample."""
+        """Colour jitter with probability jitter_p: per-sample factors, per-sample order."""
         batch, device = x.shape[0], x.device
         on = _chance(generator, batch, self.jitter_p, device)
-
-        def factor(spread, neutral):
-            drawn = _uniform(generator, batch, neutral - spread, neutral + spread, device)
-            return torch.where(on, drawn, torch.full_like(drawn, neutral))
-
-        x = kornia.enhance.adjust_brightness_accumulative(x, factor(self.brightness, 1.0))
-        x = kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor(self.contrast, 1.0))
-        x = kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor(self.saturation, 1.0))
-        x = kornia.enhance.adjust_hue(x, factor(self.hue, 0.0) * 2 * math.pi)  # turns -> radians
-        return x.clamp(0.0, 1.0)
+        factors = {}
+        for name, spread in self.spread.items():
+            neutral = 0.0 if name == "hue" else 1.0
+            factors[name] = _uniform(generator, batch, neutral - spread, neutral + spread, device)
+        return color_jitter(x, factors, jitter_order(generator, batch, device), on)
 
 
 class SupervisedAugment:

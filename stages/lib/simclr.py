@@ -43,7 +43,8 @@ class PretrainTask(train.Task):
         self.total_steps = p["epochs"] * self.steps_per_epoch
         self.model = SimCLR(ResNet(arch, width), p["proj_hidden"], p["proj_dim"]).to(device)
         self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
-        self.optimizer = train.make_optimizer(p["optimizer"], self.model, p["lr"], p["momentum"], p["weight_decay"])
+        self.optimizer = train.make_optimizer(p["optimizer"], train.param_groups(self.model, p["weight_decay"]),
+                                              p["lr"], p["momentum"])
         self.augment = SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
         self.generator = train.rank_generator(seed, device)  # each rank draws its own augmentations
         self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
@@ -72,16 +73,16 @@ class PretrainTask(train.Task):
         last = epoch + 1 == self.p["epochs"]
         due = (epoch + 1) % self.p["knn_every"] == 0 or last
         knn = self.knn() if due and distributed.is_main() else None
+        images_per_second = self.steps_per_epoch * self.batch / seconds
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
-               "knn_accuracy": knn, "seconds": seconds,
-               "images_per_second": self.steps_per_epoch * self.batch / seconds}
+               "knn_accuracy": knn, "seconds": seconds, "images_per_second": images_per_second,
+               "views_per_second": 2 * images_per_second}  # the network sees two views of each image
         self.history.append(row)
         self.on_epoch(row)
         eta = (self.p["epochs"] - epoch - 1) * self.train_seconds / len(self.history)
         log(f"pretrain epoch {epoch + 1}/{self.p['epochs']}: loss {mean_loss:.4f}, "
-            f"{row['images_per_second']:,.0f} img/s" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
+            f"{images_per_second:,.0f} img/s ({2 * images_per_second:,.0f} views/s)" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
             + f", ETA {format_seconds(eta)}")
-        return False
 
     def knn(self):
         train_x, train_y, val_x, val_y = self.monitor

@@ -103,13 +103,20 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buffer, alpha=-group["lr"])
 
 
-def make_optimizer(name, model, lr, momentum, weight_decay):
-    """SGD (Nesterov) or LARS; no weight decay on BatchNorm and bias parameters (1-d tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+def param_groups(module, weight_decay, lr_scale=1.0):
+    """Optimizer groups of `module`'s trainable parameters: weight decay on weights (ndim > 1) only,
+    none on BatchNorm and bias parameters; each group's learning rate is lr_scale x the schedule's."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "lars": True},
+            {"params": plain, "weight_decay": 0.0, "lr_scale": lr_scale, "lars": False}]
+
+
+def make_optimizer(name, groups, lr, momentum):
+    """SGD (Nesterov) or LARS over `groups` from `param_groups` (LARS adapts only the weight groups)."""
+    groups = [g for g in groups if g["params"]]
     if name == "lars":
-        return LARS([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "lars": False}], lr, momentum)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        return LARS(groups, lr, momentum)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
 
 
@@ -129,8 +136,9 @@ def seconds_since(start, device):
 
 
 def set_lr(optimizer, lr):
+    """The schedule's learning rate `lr`, times each group's lr_scale."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Task:
@@ -242,16 +250,20 @@ class StopSignal:
         return False
 
 
-def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, label, check_every=20):
+def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, label, checks_per_epoch=4):
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
     The task provides: device, images_per_step; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
-    loss tensor; end_epoch(epoch, mean_loss) -> True to stop early; state(epoch, step, loss_sum).
+    loss tensor (left on the device); end_epoch(epoch, mean_loss); state(epoch, step, loss_sum).
+    The host reads the device only `checks_per_epoch` times an epoch (NaN check and progress), so the
+    GPU is never kept waiting between steps. A checkpoint is written at the end of an epoch once
+    `checkpoint_seconds` have passed since the last one (0: every epoch), so its cost stays small.
     Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
     state = checkpoint.load()
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
-    single = distributed.world() == 1
+    single, check_every = distributed.world() == 1, max(1, steps_per_epoch // checks_per_epoch)
+    last_save = time.monotonic()
     with StopSignal() as stop:
         while epoch < epochs:
             progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch * task.images_per_step,
@@ -269,12 +281,11 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_every, labe
                                      f"{epoch + 1}, step {step + 1}; checkpoint saved to {checkpoint.path}; "
                                      "run again to resume")
             total = _total(loss_sum, losses, start_step, steps_per_epoch - 1)
-            stop_early = task.end_epoch(epoch, total.item() / steps_per_epoch)
+            task.end_epoch(epoch, total.item() / steps_per_epoch)
             epoch, start_step, loss_sum = epoch + 1, 0, None
-            if epoch % checkpoint_every == 0 or stop_early or epoch == epochs:
+            if epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
                 checkpoint.save(task.state(epoch, 0, None))
-            if stop_early:
-                break
+                last_save = time.monotonic()
 
 
 def _total(loss_sum, losses, first, last):

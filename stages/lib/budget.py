@@ -1,0 +1,96 @@
+"""The time budget of a study: seconds per stage, by arithmetic, from measured throughputs.
+
+`study_budget` turns throughputs (measured by `python -m stages.bench`, or quoted from a GPU
+run) and the study's settings into one row per DVC stage: the images it pushes through the
+network and its expected seconds. Nothing here times anything; it only multiplies.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs and fixed costs of one machine [images/s or views/s, and seconds]."""
+
+    train_views_per_s: float  # training step, forward + backward, per view (SimCLR and fine-tuning)
+    augment_views_per_s: float  # SimCLR augmentation, per view
+    infer_images_per_s: float  # eval-mode forward (kNN monitor, validation, test)
+    decode_images_per_s: float  # the data stage's image decoding
+    stage_start_s: float  # one stage's start-up: Python, torch, MLflow, device
+    compile_s: float  # one torch.compile of the model (paid only where compile is on)
+    checkpoint_s: float  # one checkpoint write
+    evaluate_s: float  # the evaluate stage's work (statistics, figures, report), start-up aside
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a study processes: image counts from the data, settings from params.yaml."""
+
+    train_images: int  # training images (after data.limit)
+    test_images: int
+    val_images: int
+    fractions: tuple  # labeled fractions N
+    seeds: int  # fine-tuning seeds
+    modes: int  # fine-tuning modes (baseline, ssl, ...)
+    pretrain: dict  # params section `pretrain`
+    finetune: dict  # params section `finetune`
+
+
+def _pretrain(rates, s):
+    p = s.pretrain
+    steps = s.train_images // p["batch_size"]
+    views = p["epochs"] * steps * p["batch_size"] * 2
+    epoch_s = 2 * steps * p["batch_size"] * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
+    knn_runs = p["epochs"] // p["knn_every"] + (p["epochs"] % p["knn_every"] != 0)
+    knn_s = knn_runs * s.train_images / rates.infer_images_per_s
+    checkpoints = int(p["epochs"] * epoch_s // max(p["checkpoint_seconds"], epoch_s))
+    seconds = (rates.stage_start_s + rates.compile_s * p["compile"] + p["epochs"] * epoch_s + knn_s
+               + checkpoints * rates.checkpoint_s)
+    note = (f"{p['epochs']} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"
+            + (", compile" if p["compile"] else ""))
+    return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
+
+
+def _finetune(rates, s):
+    """One finetune@<mode> stage: every fraction and seed of that mode."""
+    p, pool = s.finetune, s.train_images - s.val_images
+    images, val = 0, 0
+    for fraction in s.fractions:
+        labeled = max(1, round(fraction * pool))
+        steps = max(1, (pool if p["equal_steps"] else labeled) // p["batch_size"])
+        images += s.seeds * p["max_epochs"] * steps * p["batch_size"]
+        val += s.seeds * (p["max_epochs"] * s.val_images + s.test_images)
+    seconds = (rates.stage_start_s + rates.compile_s * p["compile"] + images / rates.train_views_per_s
+               + val / rates.infer_images_per_s)
+    note = f"{len(s.fractions) * s.seeds} cells x {p['max_epochs']} epochs" + (", compile" if p["compile"] else "")
+    return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}
+
+
+def study_budget(rates, s):
+    """Rows {stage, images, seconds, note} for the whole study, and the total seconds.
+
+    `images` counts what passes through the network in training (SimCLR: both views), or the
+    images decoded for the data stage. The finetune row is one mode; the total counts every mode.
+    """
+    decode = s.train_images + s.test_images
+    finetune = _finetune(rates, s)
+    rows = [
+        {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
+         "note": "decode and check every image"},
+        {"stage": "split", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
+        _pretrain(rates, s),
+        {"stage": "init", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
+        {**finetune, "stage": f"finetune x {s.modes} modes", "images": s.modes * finetune["images"],
+         "seconds": s.modes * finetune["seconds"], "note": f"per mode: {finetune['note']}"},
+        {"stage": "evaluate", "images": 0, "seconds": rates.stage_start_s + rates.evaluate_s,
+         "note": "statistics, figures, report"},
+    ]
+    return rows, sum(row["seconds"] for row in rows)
+
+
+def format_budget(rows, total):
+    """The budget as a markdown table (what README shows and the benchmark prints)."""
+    lines = ["| stage | images through the network | seconds | what |", "|---|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['stage']} | {row['images']:,} | {row['seconds']:.0f} | {row['note']} |")
+    lines.append(f"| **whole study** | | **{total:.0f}** ({total / 60:.1f} min) | |")
+    return "\n".join(lines)
