@@ -1,10 +1,10 @@
 """DVC stage `finetune@<mode>`: fine-tune one mode on every fraction and seed (one cell each),
-with early stopping on the validation split, and save each cell's test predictions.
+keeping the weights of the best validation epoch, and save each cell's test predictions.
 
 Cells are built in --work (resumable: a finished cell is kept, an interrupted one resumes
 from its checkpoint) and moved to --out and --curves only when every cell is done.
 """
-import copy
+import functools
 import shutil
 from pathlib import Path
 
@@ -13,10 +13,10 @@ import torch
 
 from stages.lib import cifar, distributed, params, train, tracking
 from stages.lib.cli import UserError, log, run_stage
-from stages.lib.finetuning import FinetuneTask
+from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.io import atomic_path, read_json, write_csv, write_json
 from stages.lib.metrics import classification_metrics
-from stages.lib.models import load_backbone
+from stages.lib.models import load_into, read_weights
 from stages.lib.splits import fraction_key, load_split
 
 ORIGIN = {"baseline": "random", "ssl": "simclr", "linear": "simclr"}
@@ -34,15 +34,21 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "fraction", "model", "finetune")
-    initial, saved = load_backbone(args.init, p["model"]["arch"], p["model"]["width"])
+    cfg = p["finetune"]
+    if cfg["head_epochs"] >= cfg["max_epochs"]:
+        raise UserError(f"{args.params}: finetune.head_epochs = {cfg['head_epochs']}: must be below "
+                        f"finetune.max_epochs = {cfg['max_epochs']} (the backbone would never train)")
+    saved = read_weights(args.init, p["model"]["arch"], p["model"]["width"])
     if saved.get("origin") != ORIGIN[args.mode]:
         raise UserError(f"{args.init} holds {saved.get('origin')} weights; mode {args.mode} needs "
                         f"{ORIGIN[args.mode]} weights (run: dvc repro)")
     device = train.pick_device()
     train.setup(p["seed"], device)
     context = load_context(args, device)
-    context.update(initial=initial, init_digest=cifar.sha256(args.init))
-    work, cells = Path(args.work), [(f, s) for f in p["fraction"] for s in p["finetune"]["seeds"]]
+    context.update(saved=saved, init_digest=cifar.sha256(args.init),
+                   classifier=build_classifier(p["model"]["arch"], p["model"]["width"], len(cifar.CLASSES),
+                                               args.mode, cfg, device))
+    work, cells = Path(args.work), [(f, s) for f in p["fraction"] for s in cfg["seeds"]]
     for fraction, seed in cells:
         run_cell(args, p, context, fraction, seed, work / cell_key(fraction, seed))
     distributed.barrier()
@@ -81,28 +87,37 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")
         return
     steps = max(1, (context["pool"] if cfg["equal_steps"] else len(labeled)) // cfg["batch_size"])
-    backbone = copy.deepcopy(context["initial"])  # every cell starts from the same weights
+    # Every cell of a seed starts from the same weights: the seed's own for the baseline.
+    start = functools.partial(load_into, saved=context["saved"], seed=seed, path=args.init)
     data = {**context, "labeled": torch.from_numpy(labeled).to(device)}
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
     run_params = {**p, "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
     mlflow_run = tracking.stage_run(f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags)
     with distributed.main_only(mlflow_run) as mlrun:
-        task = FinetuneTask(data, backbone, args.mode, cfg, seed, steps, device, len(cifar.CLASSES),
+        task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, seed, steps, device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
-        train.run_epochs(task, cfg["max_epochs"], steps, checkpoint, cfg["checkpoint_every"], f"{args.mode} {key}")
+        train.run_epochs(task, cfg["max_epochs"], steps, checkpoint, cfg["checkpoint_seconds"], f"{args.mode} {key}")
         y_pred = task.test_predictions(context["test_x"])
         test = classification_metrics(context["test_y"], y_pred, len(cifar.CLASSES))
         mlrun.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float)})
         result = {"mode": args.mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
                   "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),
                   "best_val_accuracy": task.best_accuracy, "seconds": round(task.train_seconds, 2),
+                  "settings": settings(cfg), "steps_per_epoch": steps,
                   "device": train.device_name(device), "config": train.fingerprint(config)}
         if distributed.is_main():
             save_cell(cell_dir, result, context["test_y"], y_pred, task.history)
             mlrun.log_artifact(cell_dir / "curve.csv")
     checkpoint.delete()
     log(f"finetune {args.mode} {key}: test accuracy {test['accuracy']:.4f} (best epoch {task.best_epoch})")
+
+
+def settings(cfg):
+    """The fine-tuning choices a cell ran with, as its result reports them."""
+    return {"lr": cfg["lr"], "backbone_lr": cfg["lr"] * cfg["backbone_lr_scale"], "head_epochs": cfg["head_epochs"],
+            "epochs": cfg["max_epochs"], "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
+            "equal_steps": cfg["equal_steps"]}
 
 
 def save_cell(cell_dir, result, y_true, y_pred, history):

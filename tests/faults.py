@@ -16,8 +16,8 @@ from tests.conftest import png_bytes, synthetic_images, write_params, write_tree
 TINY = {
     "data.val_size": 40, "fraction": [1.0], "model.width": 4,
     "pretrain.epochs": 3, "pretrain.batch_size": 32, "pretrain.compile": False, "pretrain.warmup_epochs": 1,
-    "pretrain.proj_hidden": 32, "pretrain.proj_dim": 16, "pretrain.knn_every": 1, "pretrain.checkpoint_every": 1,
-    "finetune.max_epochs": 2, "finetune.batch_size": 32, "finetune.compile": False, "finetune.checkpoint_every": 1,
+    "pretrain.proj_hidden": 32, "pretrain.proj_dim": 16, "pretrain.knn_every": 1, "pretrain.checkpoint_seconds": 0,
+    "finetune.max_epochs": 2, "finetune.batch_size": 32, "finetune.compile": False, "finetune.checkpoint_seconds": 0,
     "evaluate.bootstrap_samples": 100,
 }
 

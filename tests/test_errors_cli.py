@@ -43,9 +43,10 @@ def pretrain_args(root, case, **params_edits):
             "--curve", out / "pretrain.csv", "--checkpoint", out / "checkpoint.pt"]
 
 
-def finetune_args(root, case, init, mode="ssl"):
+def finetune_args(root, case, init, mode="ssl", **params_edits):
     out = mkdir(root / case)
-    return ["--params", root / "params.yaml", "--mode", mode, "--init", init, "--data", root / "data",
+    params = write_params(out / "params.yaml", **{**TINY, **params_edits}) if params_edits else root / "params.yaml"
+    return ["--params", params, "--mode", mode, "--init", init, "--data", root / "data",
             "--splits", root / "splits", "--out", out / "out", "--curves", out / "curves", "--work", out / "work"]
 
 
@@ -95,6 +96,9 @@ CLI_CASES = [
      2, ["init/wide.pt", "width 8", "width 4"], ["out", "curves"]),
     ("finetune-ssl-random-weights", "stages.finetune", lambda r, c: finetune_args(r, c, r / "init/baseline.pt"),
      2, ["init/baseline.pt", "random weights", "mode ssl needs simclr"], ["out", "curves"]),
+    ("finetune-head-epochs-cover-all", "stages.finetune",
+     lambda r, c: finetune_args(r, c, r / "init/ssl.pt", **{"finetune.head_epochs": 2, "finetune.max_epochs": 2}),
+     2, ["finetune.head_epochs = 2", "below finetune.max_epochs = 2"], ["out", "curves"]),
     ("evaluate-confidence", "stages.evaluate", lambda r, c: evaluate_args(r, c, **{"evaluate.confidence": 1.5}),
      2, ["evaluate.confidence = 1.5", "(0, 1)"], ["metrics/summary.json"]),
     ("evaluate-fails-after-writing", "stages.evaluate", lambda r, c: evaluate_args(r, c, plots_dir_is_a_file=True),

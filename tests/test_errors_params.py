@@ -36,7 +36,7 @@ PARAM_CASES = [
     ("grayscale-p-negative", setter("pretrain.grayscale_p", -0.2), ["pretrain.grayscale_p = -0.2", "[0, 1]"]),
     ("crop-scale-one", setter("pretrain.crop_scale_min", 1.0), ["pretrain.crop_scale_min = 1.0", "(0, 1)"]),
     ("compile-text", setter("pretrain.compile", "maybe"), ["pretrain.compile = 'maybe'", "true or false"]),
-    ("patience-zero", setter("finetune.patience", 0), ["finetune.patience = 0", ">= 1"]),
+    ("backbone-scale-zero", setter("finetune.backbone_lr_scale", 0), ["finetune.backbone_lr_scale = 0", "(0, 1]"]),
     ("max-epochs-text", setter("finetune.max_epochs", "ten"), ["finetune.max_epochs = 'ten'", ">= 1"]),
     ("mode-unknown", setter("finetune.modes", ["ssl", "sll"]), ["finetune.modes = ['ssl', 'sll']", "baseline, ssl"]),
     ("seeds-negative", setter("finetune.seeds", [0, -1]), ["finetune.seeds = [0, -1]", ">= 0"]),

@@ -1,59 +1,119 @@
-"""Fine-tuning: learns on synthetic data, stops early, and starts from the right weights."""
+"""Fine-tuning: learns on synthetic data, keeps the best epoch, freezes what it should, and every
+cell starts from its own weights although one classifier serves every cell of a process."""
+import functools
+
 import pytest
 import torch
 
 from stages.lib import params as params_lib
 from stages.lib import train
-from stages.lib.finetuning import FinetuneTask
-from stages.lib.models import ResNet, load_backbone, save_backbone
+from stages.lib.finetuning import FinetuneTask, build_classifier
+from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
 from tests.conftest import synthetic_images, write_params
+
+CPU = torch.device("cpu")
 
 
 def finetune_params(tmp_path, **overrides):
     path = write_params(tmp_path / "params.yaml", **{
-        "finetune.batch_size": 32, "finetune.compile": False, "finetune.max_epochs": 6, "finetune.patience": 3,
-        "finetune.warmup_epochs": 0, "finetune.lr": 0.05, **overrides})
+        "finetune.batch_size": 32, "finetune.compile": False, "finetune.max_epochs": 6,
+        "finetune.warmup_epochs": 0, "finetune.lr": 0.05, "finetune.backbone_lr_scale": 1.0,
+        "finetune.head_epochs": 0, **overrides})
     return params_lib.load(path, "finetune")["finetune"]
 
 
 def task_data():
     x, y = synthetic_images(24, seed=0)
-    images, labels = train.images_to_device(x, torch.device("cpu")), torch.from_numpy(y)
+    images, labels = train.images_to_device(x, CPU), torch.from_numpy(y)
     val = torch.arange(0, len(y), 4)  # every 4th image validates; the rest are labeled
     labeled = torch.tensor([i for i in range(len(y)) if i % 4])
     return {"images": images, "labels": labels, "labeled": labeled, "val_x": images[val], "val_y": labels[val]}
 
 
-def run(tmp_path, mode, backbone, p):
+def copy_of(backbone):
+    """A `start` callable that loads `backbone`'s weights."""
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    return lambda target: target.load_state_dict(state)
+
+
+def make_task(mode, start, p, seed=0, classifier=None):
     data = task_data()
     steps = len(data["labeled"]) // p["batch_size"]
-    task = FinetuneTask(data, backbone, mode, p, 0, steps, torch.device("cpu"), 10, on_epoch=lambda row: None)
-    train.run_epochs(task, p["max_epochs"], steps, train.Checkpoint(tmp_path / "ck.pt", {}), 100, mode)
+    classifier = classifier or build_classifier("resnet18", 4, 10, mode, p, CPU)
+    return FinetuneTask(data, classifier, start, mode, p, seed, steps, CPU, on_epoch=lambda row: None)
+
+
+def run(tmp_path, task, p):
+    train.run_epochs(task, p["max_epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}),
+                     100_000, task.mode)
     return task
 
 
-def test_fine_tuning_learns_well_above_chance(tmp_path):
+def test_fine_tuning_learns_and_keeps_the_best_epoch(tmp_path):
     torch.manual_seed(0)
-    task = run(tmp_path, "baseline", ResNet("resnet18", 4), finetune_params(tmp_path, **{"finetune.max_epochs": 10, "finetune.patience": 10}))
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 10})
+    task = run(tmp_path, make_task("baseline", copy_of(ResNet("resnet18", 4)), p), p)
     assert task.best_accuracy >= 0.5, task.history  # chance is 0.1
+    assert len(task.history) == 10  # the whole schedule runs: it ends at max_epochs
+    accuracies = [row["val_accuracy"] for row in task.history]
+    assert task.best_epoch == accuracies.index(max(accuracies)) + 1
+    assert task.history[-1]["lr"] < 0.01 * p["lr"]  # the cosine schedule has annealed
     assert len(task.test_predictions(task_data()["val_x"])) == 60
-
-
-def test_early_stopping_stops_after_patience(tmp_path):
-    torch.manual_seed(0)
-    task = run(tmp_path, "linear", ResNet("resnet18", 4), finetune_params(tmp_path, **{"finetune.lr": 1e-12}))
-    # Frozen backbone (BatchNorm statistics too) and a learning rate of ~0: validation accuracy
-    # never improves after epoch 1.
-    assert task.best_epoch == 1 and len(task.history) == 1 + 3
 
 
 def test_linear_mode_trains_only_the_head(tmp_path):
     torch.manual_seed(0)
     backbone = ResNet("resnet18", 4)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    task = run(tmp_path, "linear", backbone, finetune_params(tmp_path, **{"finetune.max_epochs": 2}))
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 2})
+    task = run(tmp_path, make_task("linear", copy_of(backbone), p), p)
     for key, value in task.model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # weights and BatchNorm statistics
+
+
+def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
+    torch.manual_seed(0)
+    backbone = ResNet("resnet18", 4)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 2})
+    task = make_task("ssl", copy_of(backbone), p)
+    head_before = task.model.head.weight.clone()
+    train.run_epochs(task, 2, task.steps_per_epoch, train.Checkpoint(tmp_path / "a.pt", {}), 100_000, "ssl")
+    for key, value in task.model.backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert not torch.equal(task.model.head.weight, head_before)
+    # From the start again (no checkpoint): two head-only epochs, then one that trains the backbone.
+    train.run_epochs(task, 3, task.steps_per_epoch, train.Checkpoint(tmp_path / "b.pt", {}), 100_000, "ssl")
+    assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
+
+
+def test_backbone_learning_rate_is_scaled(tmp_path):
+    p = finetune_params(tmp_path, **{"finetune.backbone_lr_scale": 0.1})
+    task = make_task("ssl", copy_of(ResNet("resnet18", 4)), p)
+    task.step(0, 0)
+    lrs = {group.get("part", "head"): group["lr"] for group in task.optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(0.1 * lrs["head"]) and lrs["head"] > 0
+
+
+def test_cells_sharing_one_classifier_start_from_identical_weights(tmp_path):
+    """One compiled classifier serves every cell of a process; each cell still starts afresh."""
+    torch.manual_seed(0)
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4), 1: ResNet("resnet18", 4)}, "random", {})
+    saved = read_weights(tmp_path / "baseline.pt", "resnet18", 4)
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 1})
+
+    def start(seed):
+        return functools.partial(load_into, saved=saved, seed=seed, path=tmp_path / "baseline.pt")
+
+    fresh = {k: v.clone() for k, v in make_task("baseline", start(0), p).model.state_dict().items()}
+    shared = build_classifier("resnet18", 4, 10, "baseline", p, CPU)
+    run(tmp_path, make_task("baseline", start(0), p, classifier=shared), p)  # a first cell trains it
+    second = make_task("baseline", start(0), p, classifier=shared)  # the next cell, same seed
+    for key, value in second.model.state_dict().items():
+        torch.testing.assert_close(value, fresh[key], rtol=0, atol=0)
+    other_seed = make_task("baseline", start(1), p, seed=1, classifier=shared).model.state_dict()
+    assert not torch.equal(other_seed["backbone.stem.0.weight"], fresh["backbone.stem.0.weight"])
+    assert not torch.equal(other_seed["head.weight"], fresh["head.weight"])
 
 
 @pytest.mark.parametrize("mode", ["ssl", "baseline"])
@@ -61,12 +121,16 @@ def test_each_mode_starts_from_its_own_weights_file(tmp_path, mode):
     torch.manual_seed(1)
     save_backbone(tmp_path / "ssl.pt", ResNet("resnet18", 4), origin="simclr", params={})
     torch.manual_seed(2)
-    save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4), origin="random", params={})
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4)}, origin="random", params={})
     backbone, saved = load_backbone(tmp_path / f"{mode}.pt", "resnet18", 4)
-    data = task_data()
-    task = FinetuneTask(data, backbone, mode, finetune_params(tmp_path), 0, 1, torch.device("cpu"), 10,
-                        on_epoch=lambda row: None)
-    other = load_backbone(tmp_path / ("baseline.pt" if mode == "ssl" else "ssl.pt"), "resnet18", 4)[1]
+    task = make_task(mode, copy_of(backbone), finetune_params(tmp_path))
+    other = load_backbone(tmp_path / ("baseline.pt" if mode == "ssl" else "ssl.pt"), "resnet18", 4)[0]
     weight = task.model.backbone.state_dict()["stem.0.weight"]
-    torch.testing.assert_close(weight, saved["state_dict"]["stem.0.weight"], rtol=0, atol=0)
-    assert not torch.equal(weight, other["state_dict"]["stem.0.weight"])
+    torch.testing.assert_close(weight, backbone.state_dict()["stem.0.weight"], rtol=0, atol=0)
+    assert not torch.equal(weight, other.state_dict()["stem.0.weight"])
+
+
+def test_a_seed_without_starting_weights_is_refused(tmp_path):
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4)}, origin="random", params={})
+    with pytest.raises(Exception, match="starting weights for seeds \\[0\\], not for seed 3"):
+        load_backbone(tmp_path / "baseline.pt", "resnet18", 4, seed=3)

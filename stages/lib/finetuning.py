@@ -1,8 +1,14 @@
 """Supervised fine-tuning of one cell (mode, fraction, seed) as a task for `train.run_epochs`.
 
 Modes differ only in their starting weights: `baseline` (random init), `ssl` (SimCLR
-backbone), `linear` (SimCLR backbone frozen, only the linear head trains). Early stopping
-on validation accuracy with patience; the best-validation weights are the ones kept.
+backbone), `linear` (SimCLR backbone frozen, only the linear head trains). Every mode runs
+the same procedure: optionally a few head-only epochs (backbone frozen), then the whole
+network with the backbone at `backbone_lr_scale` times the head's learning rate, on one
+warm-up + cosine schedule that ends at `max_epochs`; the weights of the epoch with the best
+validation accuracy are the ones kept.
+
+One classifier (and its compiled module) serves every cell of a process: `FinetuneTask` loads
+the cell's starting weights into it, so torch.compile runs once, not once per cell.
 """
 import copy
 import time
@@ -15,30 +21,43 @@ from stages.lib import distributed, train
 from stages.lib.augment import SupervisedAugment
 from stages.lib.cli import log
 from stages.lib.metrics import classification_metrics
-from stages.lib.models import Classifier
+from stages.lib.models import Classifier, ResNet
+
+
+def build_classifier(arch, width, num_classes, mode, p, device):
+    """(model, module to train through) for every cell of a process: compiled once when asked."""
+    model = Classifier(ResNet(arch, width), num_classes).to(device)
+    if mode == "linear":
+        model.backbone.requires_grad_(False)
+    return model, train.prepare_model(model, device, p["compile"], p["sync_batchnorm"])
 
 
 class FinetuneTask(train.Task):
     """One fine-tuning cell. `data` holds device tensors: images (N, 3, H, W) uint8, labels (N,),
-    labeled (L,) indices into them, val_x, val_y."""
+    labeled (L,) indices into them, val_x, val_y. `classifier` is `build_classifier`'s pair;
+    `start` puts the cell's starting weights into a backbone (e.g. `models.load_into`)."""
 
-    def __init__(self, data, backbone, mode, p, seed, steps_per_epoch, device, num_classes, on_epoch):
+    kept = ("history", "best", "best_accuracy", "best_epoch", "train_seconds")
+
+    def __init__(self, data, classifier, start, mode, p, seed, steps_per_epoch, device, on_epoch):
         self.data, self.mode, self.p, self.seed, self.device = data, mode, p, seed, device
-        self.steps_per_epoch, self.num_classes, self.on_epoch = steps_per_epoch, num_classes, on_epoch
+        self.steps_per_epoch, self.on_epoch = steps_per_epoch, on_epoch
+        self.model, self.compiled = classifier
+        self.num_classes = self.model.head.out_features
+        start(self.model.backbone)
         torch.manual_seed(seed)  # the head's initial weights
-        self.model = Classifier(backbone, num_classes).to(device)
-        if mode == "linear":
-            self.model.backbone.requires_grad_(False)
+        self.model.head.reset_parameters()
         self.images_per_step = p["batch_size"]  # global: split evenly over the processes
         self.local = distributed.per_rank_batch(p["batch_size"], "finetune.batch_size")
-        self.compiled = train.prepare_model(self.model, device, p["compile"], p["sync_batchnorm"])
-        self.optimizer = train.make_optimizer("sgd", self.model, p["lr"], p["momentum"], p["weight_decay"])
+        groups = (train.param_groups(self.model.backbone, p["weight_decay"], p["backbone_lr_scale"])
+                  + train.param_groups(self.model.head, p["weight_decay"]))
+        for group in groups[:2]:
+            group["part"] = "backbone"
+        self.optimizer = train.make_optimizer("sgd", groups, p["lr"], p["momentum"])
         self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
         self.generator = train.rank_generator(seed, device)
         self.history, self.best, self.order_epoch = [], None, None
-        self.best_accuracy, self.best_epoch, self.stale, self.train_seconds = -1.0, 0, 0, 0.0
-
-    kept = ("history", "best", "best_accuracy", "best_epoch", "stale", "train_seconds")
+        self.best_accuracy, self.best_epoch, self.train_seconds = -1.0, 0, 0.0
 
     def _order(self, epoch):
         """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
@@ -47,43 +66,56 @@ class FinetuneTask(train.Task):
         orders = [train.epoch_order(len(labeled), self.seed, epoch * passes + i, self.device) for i in range(passes)]
         return labeled[torch.cat(orders)[:needed]]
 
+    def head_only(self, epoch):
+        """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""
+        return self.mode == "linear" or epoch < self.p["head_epochs"]
+
+    def _start_epoch(self, epoch):
+        self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
+        self.model.train()
+        if self.head_only(epoch):
+            self.model.backbone.eval()  # frozen: BatchNorm statistics stay as they started
+        elif epoch == self.p["head_epochs"] > 0:  # the backbone starts training: no stale momentum
+            for group in self.optimizer.param_groups:
+                if group.get("part") == "backbone":
+                    for param in group["params"]:
+                        self.optimizer.state.pop(param, None)
+
     def step(self, epoch, step):
         if self.order_epoch != epoch:
-            self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
-            self.model.train()
-            if self.mode == "linear":
-                self.model.backbone.eval()  # frozen: BatchNorm statistics stay as pretrained
-        batch = self.p["batch_size"]
+            self._start_epoch(epoch)
+        batch, frozen = self.p["batch_size"], self.head_only(epoch)
         total = self.p["max_epochs"] * self.steps_per_epoch
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
-        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
+        lr = train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"])
+        train.set_lr(self.optimizer, lr)
+        for group in self.optimizer.param_groups:
+            if frozen and group.get("part") == "backbone":
+                group["lr"] = 0.0
         index = train.rank_batch(self.order, step, batch, self.local)
         x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
-            logits = self.compiled(x)  # (B, C)
+            logits = self.compiled(x)  # (b, C)
         loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.p["label_smoothing"])
         return train.optimize(self.optimizer, loss)
 
     def end_epoch(self, epoch, mean_loss):
         seconds = train.seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
-        logits = train.infer(self.model, self.data["val_x"])
+        logits = train.infer(self.model, self.data["val_x"])  # (V, C)
         val_loss = F.cross_entropy(logits, self.data["val_y"]).item()
         m = classification_metrics(self.data["val_y"].cpu().numpy(), logits.argmax(1).cpu().numpy(), self.num_classes)
         row = {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val_loss, "val_accuracy": m["accuracy"],
                "val_precision": m["precision_macro"], "val_recall": m["recall_macro"], "val_f1": m["f1_macro"],
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+               "lr": self.optimizer.param_groups[-1]["lr"], "seconds": seconds}
         self.history.append(row)
         if m["accuracy"] > self.best_accuracy:
-            self.best_accuracy, self.best_epoch, self.stale = m["accuracy"], epoch + 1, 0
+            self.best_accuracy, self.best_epoch = m["accuracy"], epoch + 1
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        else:
-            self.stale += 1
         self.on_epoch(row)
         log(f"{self.mode} epoch {epoch + 1}/{self.p['max_epochs']}: train loss {mean_loss:.4f}, "
             f"val accuracy {m['accuracy']:.4f} (best {self.best_accuracy:.4f} at epoch {self.best_epoch}), "
             f"{seconds:.1f} s")
-        return self.stale >= self.p["patience"]
 
     def test_predictions(self, test_x):
         """Predicted labels (N,) of the best-validation weights on the test images."""

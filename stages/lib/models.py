@@ -85,28 +85,55 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+def _state(backbone):
+    return {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+
+
 def save_backbone(path, backbone, origin, params):
-    """Write backbone weights with the arch, width and params they were made with."""
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    """Write one backbone's weights with the arch, width and params they were made with."""
     save_torch(path, {"arch": backbone.arch, "width": backbone.width, "origin": origin,
-                      "params": params, "state_dict": state})
+                      "params": params, "state_dict": _state(backbone)})
 
 
-def load_backbone(path, arch, width):
-    """Build a ResNet(arch, width) holding the weights in `path`; refuse a mismatch."""
+def save_backbones(path, backbones, origin, params):
+    """Write one backbone per seed ({seed: ResNet} of one arch and width) into one weights file."""
+    first = next(iter(backbones.values()))
+    save_torch(path, {"arch": first.arch, "width": first.width, "origin": origin, "params": params,
+                      "seeds": {int(seed): _state(b) for seed, b in backbones.items()}})
+
+
+def read_weights(path, arch, width):
+    """The weights file at `path` as saved, checked to hold (arch, width) weights of this project."""
     saved = load_torch(path, "backbone weights")
-    if not isinstance(saved, dict) or "state_dict" not in saved:
+    if not isinstance(saved, dict) or not ("state_dict" in saved or isinstance(saved.get("seeds"), dict)):
         raise UserError(f"{path} is not a backbone weights file of this project")
     if (saved.get("arch"), saved.get("width")) != (arch, width):
         raise UserError(
             f"{path} holds {saved.get('arch')} width {saved.get('width')} weights, but params ask for "
             f"{arch} width {width}; rerun the stage that makes it (dvc repro)"
         )
-    backbone = ResNet(arch, width)
+    return saved
+
+
+def load_into(backbone, saved, seed, path):
+    """Copy the weights of `seed` (a file of one backbone serves every seed) into `backbone`."""
+    if "seeds" in saved:
+        if seed not in saved["seeds"]:
+            raise UserError(f"{path} holds starting weights for seeds {sorted(saved['seeds'])}, not for seed {seed}; "
+                            "rerun the stage that makes it (dvc repro)")
+        state = saved["seeds"][seed]
+    else:
+        state = saved["state_dict"]
     try:
-        backbone.load_state_dict(saved["state_dict"])
+        backbone.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:  # missing, extra or misshapen tensors
         detail = " ".join(str(error).split())[:300]
-        raise UserError(f"{path} does not hold {arch} width {width} weights ({detail}); "
+        raise UserError(f"{path} does not hold {backbone.arch} width {backbone.width} weights ({detail}); "
                         "rerun the stage that makes it (dvc repro)") from None
-    return backbone, saved
+    return backbone
+
+
+def load_backbone(path, arch, width, seed=0):
+    """A ResNet(arch, width) holding the weights in `path` (those of `seed` in a per-seed file), and the file."""
+    saved = read_weights(path, arch, width)
+    return load_into(ResNet(arch, width), saved, seed, path), saved
