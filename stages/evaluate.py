@@ -1,5 +1,7 @@
 """DVC stage `evaluate`: test metrics of every fine-tuned cell, SSL vs baseline comparison
-(bootstrap interval, McNemar), convergence, figures and the markdown report.
+(seed-carrying bootstrap interval, per-seed McNemar, paired tests over test images and across
+seeds, Holm-corrected across N), convergence (own best and common threshold), figures and the
+markdown report.
 
 Reads <finetune>/<mode>/<key>_s<seed>.{json,npz}, <curves>/<mode>/<key>_s<seed>.csv,
 <data>/meta.json and train.npz, and the optional SimCLR metrics file. Writes
@@ -51,7 +53,7 @@ def run(args):
         write_json(metrics_dir / "summary.json", summary)
         write_json(metrics_dir / "comparison.json", comparison)
         write_json(metrics_dir / "per_class.json", per_class)
-        draw(cells, summary, comparison, per_class, classes, plots_dir)
+        draw(cells, summary, comparison, per_class, classes, p["evaluate"]["convergence_tolerance"], plots_dir)
         plots.sample_grid(x, y, classes, samples, seed=p["seed"])
         devices = {m: sorted({c["device"] for c in cells if c["mode"] == m}) for m in summary}
         figures = [(title, os.path.relpath(plots_dir / name, metrics_dir)) for title, name in FIGURES]
@@ -73,13 +75,13 @@ def outputs(metrics_dir, plots_dir):
             + [plots_dir / name for _, name in FIGURES] + [plots_dir / "accuracy_vs_fraction.csv"])
 
 
-def draw(cells, summary, comparison, per_class, classes, plots_dir):
-    """Write every figure of the results and accuracy_vs_fraction.csv into plots_dir."""
+def draw(cells, summary, comparison, per_class, classes, tolerance, plots_dir):
+    """Write every figure of the results and accuracy_vs_fraction.csv into plots_dir (tolerance: points)."""
     for column, label, name in (("val_accuracy", "Validation accuracy", "val_accuracy.png"),
                                 ("train_loss", "Training loss", "train_loss.png"),
                                 ("lr", "Learning rate", "learning_rate.png")):
         plots.curves(cells, column, label, plots_dir / name)
-    plots.convergence_bars(summary, plots_dir / "convergence.png")
+    plots.convergence_bars(summary, comparison, tolerance, plots_dir / "convergence.png")
     plots.gain_with_ci(comparison, plots_dir / "ssl_gain.png")
     plots.accuracy_vs_fraction(summary, plots_dir / "accuracy_vs_fraction.png")
     pooled = [{"mode": m, "fraction": summary[m][k]["fraction"], "confusion": v["confusion"]}

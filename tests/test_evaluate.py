@@ -97,7 +97,16 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
         diff = accuracy["ssl"][key] - accuracy["baseline"][key]
         assert entry["difference"] == pytest.approx(diff, abs=2e-4)
         assert entry["ci_low"] < entry["difference"] < entry["ci_high"]
-        assert entry["significant"] is True and entry["mcnemar_p"] < 0.05 and entry["confidence"] == 0.95
+        assert entry["significant"] is True and entry["p_primary_holm"] < 0.05 and entry["confidence"] == 0.95
+        assert entry["primary_test"] == "images" and entry["images_test"] == "McNemar"
+        assert entry["p_images"] <= entry["p_images_holm"] == entry["p_primary_holm"]
+        assert set(entry["mcnemar_p_per_seed"]) == {"0"} and entry["p_seeds"] is None
+        # Curves skill * (1 - 0.5^epoch) peak at epoch 6; the baseline's is the lower best, so the common
+        # threshold is its own-best threshold, which the better SSL curve reaches sooner than its own.
+        convergence, fraction = entry["convergence"], entry["fraction"]
+        assert convergence["threshold"] == pytest.approx(SKILL["baseline"][fraction] * 63 / 64 - 0.01, abs=1e-4)
+        assert convergence["baseline_epochs"] == convergence["baseline_epochs_own_best"]
+        assert convergence["ssl_epochs"] < convergence["ssl_epochs_own_best"] == 6 - (fraction == 0.1)
         assert entry["relative"] == pytest.approx(diff / accuracy["baseline"][key], abs=1e-3)
     efficiency = comparison["label_efficiency"]
     assert efficiency["ssl_fraction"] == 0.1 and efficiency["note"]
@@ -163,11 +172,14 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     assert {"f1_std", "convergence_epoch_std", "seconds_std"} <= set(entry)
     params = {"seed": 0, "evaluate": {"convergence_tolerance": 1.0, "bootstrap_samples": 200, "confidence": 0.9}}
     comparison = study.compare(cells, params)
-    assert comparison["n10"]["paired_items"] == 2 * N_TEST and comparison["n10"]["seeds"] == 2
+    assert comparison["n10"]["test_images"] == N_TEST and comparison["n10"]["seeds"] == 2
+    assert set(comparison["n10"]["mcnemar_p_per_seed"]) == {"0", "1"}
+    assert comparison["n10"]["images_test"] == "one-sample t-test of d_i over test images"
     meta = {"source": "torchvision", "sha256": None, "counts": {}}
     text = report.build(summary, comparison, meta, {"ssl": ["cpu"]}, params["evaluate"])
     assert f"{100 * entry['accuracy']:.1f} ± {100 * entry['accuracy_std']:.1f}%" in text
     assert "linear accuracy" in text and "90% CI" in text and "SimCLR pretraining" not in text
+    assert "Holm" in text and "Common threshold" in text and "never on pooled seeds" in text
     assert "JPEG" not in text
 
 

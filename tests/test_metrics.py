@@ -76,6 +76,82 @@ def test_bootstrap_interval_covers_the_difference_and_is_seeded():
     assert metrics.bootstrap_diff_ci(a, b, 1000, 0.95, seed=3) != metrics.bootstrap_diff_ci(a, b, 1000, 0.95, seed=4)
 
 
+def test_epochs_to_reach_and_common_convergence_on_hand_made_curves():
+    assert metrics.epochs_to_reach([0.2, 0.5, 0.7], 0.5) == 2
+    assert metrics.epochs_to_reach([0.2, 0.5, 0.7], 0.71) is None
+    # A learns fast and plateaus at 0.60; B starts slowly and ends higher, at 0.80. Against its own
+    # best each "converges" late (epoch 3 vs 6); against the common threshold 0.60 - 0.01 = 0.59,
+    # A needs 2 epochs and B 4: A learns faster up to the level both reach.
+    a = [0.50, 0.595, 0.60, 0.60, 0.60, 0.60]
+    b = [0.20, 0.40, 0.55, 0.65, 0.75, 0.80]
+    assert (metrics.convergence_epoch(a, 1.0), metrics.convergence_epoch(b, 1.0)) == (2, 6)
+    threshold, epochs_a, epochs_b = metrics.common_convergence(a, b, 1.0)
+    assert threshold == pytest.approx(0.59) and (epochs_a, epochs_b) == (2, 4)
+    assert metrics.common_convergence(b, a, 1.0)[1:] == (4, 2)  # symmetric
+    assert metrics.common_convergence(a, [0.7, 0.9], 0.0)[1:] == (3, 1)  # lengths may differ
+
+
+def test_holm_hand_worked():
+    # Sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06.
+    assert metrics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert metrics.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert metrics.holm([0.02]) == pytest.approx([0.02]) and metrics.holm([]) == []
+    assert metrics.holm([0.01, 0.01, 0.2]) == pytest.approx([0.03, 0.03, 0.2])  # ties
+    with pytest.raises(ValueError, match="0, 1"):
+        metrics.holm([0.1, 1.5])
+
+
+def test_seed_carrying_bootstrap_known_answers():
+    n = 400
+    # Seed 0: a right, b wrong on every image; seed 1: both right. d_i = (1 + 0) / 2 = 0.5 everywhere.
+    a = np.ones((2, n), bool)
+    b = np.stack([np.zeros(n, bool), np.ones(n, bool)])
+    assert metrics.bootstrap_diff_ci(a, b, 300, 0.95, 0) == (0.5, 0.5)
+    one_a, one_b = np.random.default_rng(5).random((2, n)) < 0.6
+    # One seed as (1, n) is the classic paired bootstrap of (n,).
+    assert metrics.bootstrap_diff_ci(one_a[None], one_b[None], 500, 0.9, 7) == metrics.bootstrap_diff_ci(
+        one_a, one_b, 500, 0.9, 7)
+
+
+def test_seed_carrying_bootstrap_is_wider_than_pooling_correlated_seeds():
+    # Three seeds that answer every image alike: they add no information about the test images,
+    # so the interval is the one-seed interval; pooling them as 3n images shrinks it by ~sqrt(3).
+    n = 2000
+    rng = np.random.default_rng(2)
+    one_a, one_b = rng.random(n) < 0.7, rng.random(n) < 0.6
+    a, b = np.tile(one_a, (3, 1)), np.tile(one_b, (3, 1))
+    low, high = metrics.bootstrap_diff_ci(a, b, 2000, 0.95, 0)
+    assert (low, high) == pytest.approx(metrics.bootstrap_diff_ci(one_a, one_b, 2000, 0.95, 0))
+    pooled_low, pooled_high = metrics.bootstrap_diff_ci(a.ravel(), b.ravel(), 2000, 0.95, 0)
+    assert (high - low) / (pooled_high - pooled_low) == pytest.approx(math.sqrt(3), rel=0.1)
+
+
+def test_t_test_against_scipy_and_by_hand():
+    d = np.array([0.3, -0.1, 0.5, 0.2, 0.0, 0.4])
+    assert metrics.t_test_p(d) == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    # Per-seed accuracies matched by seed: d = (5, 4, 7) points, mean 16/3, sd sqrt(7/3), so
+    # t = 16 / sqrt(7); with 2 degrees of freedom the two-sided p is 1 - t / sqrt(t^2 + 2) = 1 - 16 / sqrt(270).
+    base, ssl = np.array([0.50, 0.52, 0.51]), np.array([0.55, 0.56, 0.58])
+    assert metrics.t_test_p(ssl - base) == pytest.approx(1 - 16 / math.sqrt(270))
+    assert metrics.t_test_p(ssl - base) == pytest.approx(stats.ttest_rel(ssl, base).pvalue)
+    assert metrics.t_test_p([0, 0, 0]) == 1.0 and metrics.t_test_p([2, 2]) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.t_test_p([0.1])
+
+
+def test_images_test_one_seed_is_mcnemar_several_a_t_test_of_d():
+    a, b = _pairs(9, 2)
+    assert metrics.images_test(a, b) == (metrics.mcnemar_p(a, b), "McNemar")
+    assert metrics.images_test(a[None], b[None]) == (metrics.mcnemar_p(a, b), "McNemar")
+    # Two seeds on 8 images: d_i = mean over seeds of a - b.
+    a2 = np.array([[1, 1, 1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 1, 1, 1, 0]], bool)
+    b2 = np.array([[0, 1, 0, 0, 1, 0, 0, 1], [1, 0, 0, 1, 0, 1, 0, 1]], bool)
+    d = np.array([0.5, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, -0.5])
+    assert np.array_equal(a2.astype(int).mean(0) - b2.astype(int).mean(0), d)
+    p, name = metrics.images_test(a2, b2)
+    assert p == pytest.approx(stats.ttest_1samp(d, 0).pvalue) and name == metrics.IMAGES_TEST
+
+
 def _pairs(only_a, only_b, both=5, neither=5):
     """Paired correctness with the given discordant counts."""
     a = [True] * only_a + [False] * only_b + [True] * both + [False] * neither

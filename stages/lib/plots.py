@@ -4,7 +4,8 @@ Shared inputs:
 - a "cell" is a dict with `mode` (str), `fraction` (float in (0, 1]) and, as needed,
   `seed` (int), `curve` ({column: sequence over epochs 1..E}) or `confusion` (C x C counts);
 - `summary` is {mode: {key: {"fraction", "accuracy", "convergence_epoch", ... [, "<name>_std"]}}};
-- `comparison` is {key: {"fraction", "difference", "ci_low", "ci_high", "mcnemar_p", ...}, ...}.
+- `comparison` is {key: {"fraction", "difference", "ci_low", "ci_high", "p_primary_holm",
+  "convergence": {"threshold", "baseline_epochs", "ssl_epochs", ...}, ...}, ...} (see study.compare).
 """
 import matplotlib
 
@@ -17,6 +18,8 @@ from stages.lib.io import atomic_path  # noqa: E402
 MODE_COLOURS = {"baseline": "tab:blue", "ssl": "tab:orange", "linear": "tab:green"}
 OTHER_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 LINE_STYLES = ("-", "--", ":", "-.")
+# The primary test of a comparison entry (study.compare's `primary_test`), in words.
+PRIMARY = {"images": "over test images", "seeds": "across seeds"}
 DPI = 110
 
 
@@ -36,6 +39,11 @@ def _colour(mode, modes):
 def percent(fraction):
     """1.0 -> '100%', 0.1 -> '10%', 0.025 -> '2.5%'."""
     return f"{fraction * 100:g}%"
+
+
+def points(value):
+    """Percentage points in words: 1 -> '1 percentage point', 0.5 -> '0.5 percentage points'."""
+    return f"{value:g} percentage point" + ("" if value == 1 else "s")
 
 
 def _save(fig, path):
@@ -108,32 +116,61 @@ def _grouped(summary):
     return mode_order(list(summary)), keys, fractions
 
 
-def convergence_bars(summary, path):
-    """Epochs to convergence per cell: groups by N, one bar per mode (std as error bar)."""
-    modes, keys, fractions = _grouped(summary)
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys) + 2), 4.5))
-    width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j, k in enumerate(keys) if k in summary[mode]]
-        entries = [summary[mode][k] for k in keys if k in summary[mode]]
-        heights = [e["convergence_epoch"] for e in entries]
-        errors = [e.get("convergence_epoch_std", 0) for e in entries]
-        bars = ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=3,
-                      color=_colour(mode, modes), label=mode)
-        ax.bar_label(bars, labels=[f"{h:g}" for h in heights], fontsize=8, padding=2)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"N = {percent(fractions[k])}" for k in keys])
-    ax.set_ylabel("Epochs to convergence")
-    ax.set_title("Epochs until validation accuracy is within tolerance of its best")
+def _compared(comparison):
+    """The per-N entries of `comparison` (those with a `difference`), largest fraction first."""
+    return sorted((e for e in comparison.values() if isinstance(e, dict) and "difference" in e),
+                  key=lambda e: -e["fraction"])
+
+
+def _grouped_bars(ax, groups, labels, modes):
+    """Bars in groups: groups is {mode: [(x index, height, error)]}; labels the x tick labels."""
+    width = 0.8 / max(1, len(groups))
+    for i, (mode, bars) in enumerate(groups.items()):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j, _, _ in bars]
+        heights, errors = [h for _, h, _ in bars], [e for _, _, e in bars]
+        drawn = ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=3,
+                       color=_colour(mode, modes), label=mode)
+        ax.bar_label(drawn, labels=[f"{h:g}" for h in heights], fontsize=8, padding=2)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+
+
+def convergence_bars(summary, comparison, tolerance, path):
+    """Epochs to convergence by both definitions, in two panels; tolerance in points.
+
+    Left: per cell, within `tolerance` of the cell's own best (summary; std over seeds as
+    error bar). Right: per N, epochs baseline and SSL need to reach the common threshold
+    (comparison's `convergence`: lower of the two bests minus tolerance, mean over seeds).
+    """
+    modes, keys, fractions = _grouped(summary)
+    rows = _compared(comparison)
+    fig, (own, common) = plt.subplots(1, 2, sharey=True, figsize=(max(10, 3.2 * len(keys) + 3), 4.5))
+    _grouped_bars(own, {m: [(j, summary[m][k]["convergence_epoch"], summary[m][k].get("convergence_epoch_std", 0))
+                            for j, k in enumerate(keys) if k in summary[m]] for m in modes},
+                  [f"N = {percent(fractions[k])}" for k in keys], modes)
+    own.set_ylabel("Epochs")
+    own.set_title(f"Own best: within {points(tolerance)} of the cell's best", fontsize=10)
+    common.set_title(f"Common threshold: lower of the two bests - {points(tolerance)}", fontsize=10)
+    if rows:
+        _grouped_bars(common, {m: [(j, e["convergence"][f"{m}_epochs"], 0) for j, e in enumerate(rows)]
+                               for m in ("baseline", "ssl")},
+                      [f"N = {percent(e['fraction'])}\n(at {100 * e['convergence']['threshold']:.1f}%)" for e in rows],
+                      modes)
+    else:
+        common.text(0.5, 0.5, "No SSL / baseline pair to compare", ha="center", va="center",
+                    transform=common.transAxes, fontsize=11)
+        common.set_xticks([])
+    common.tick_params(labelleft=True)
+    fig.suptitle("Epochs until validation accuracy converges (fewer = faster)", fontsize=12)
     _save(fig, path)
 
 
 def gain_with_ci(comparison, path):
-    """SSL minus baseline test accuracy per N, in points, with the bootstrap interval."""
-    rows = sorted((e for e in comparison.values() if isinstance(e, dict) and "difference" in e),
-                  key=lambda e: -e["fraction"])
+    """SSL minus baseline test accuracy per N, in points, with the bootstrap interval and the
+    Holm-corrected p-value of the primary test."""
+    rows = _compared(comparison)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
     if not rows:
         ax.text(0.5, 0.5, "No SSL / baseline pair to compare", ha="center", va="center", fontsize=13)
@@ -147,7 +184,8 @@ def gain_with_ci(comparison, path):
     ax.bar(range(len(rows)), gains, 0.6, yerr=[low, high], capsize=6, color=colours, alpha=0.8)
     for i, (gain, entry) in enumerate(zip(gains, rows)):
         tip = gain + high[i] if gain >= 0 else gain - low[i]
-        ax.annotate(f"{gain:+.1f} points\np = {entry['mcnemar_p']:.2g}", (i, tip), ha="center", fontsize=8,
+        text = f"{gain:+.1f} points\n{PRIMARY[entry['primary_test']]}, Holm p = {entry['p_primary_holm']:.2g}"
+        ax.annotate(text, (i, tip), ha="center", fontsize=8,
                     xytext=(0, 4 if gain >= 0 else -4), textcoords="offset points", va="bottom" if gain >= 0 else "top")
     ax.margins(y=0.2)
     ax.axhline(0, color="black", linewidth=1)

@@ -5,7 +5,7 @@ Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
 `settings` (params section `evaluate`), optional SimCLR `pretrain` metrics and figure links.
 Accuracies are fractions in the inputs and percentages in the text.
 """
-from stages.lib.plots import mode_order, percent
+from stages.lib.plots import mode_order, percent, points
 
 # Reference numbers reported by the seed project this study grew from (test accuracy, all
 # other numbers of it are unknown); shown beside ours, never used in any computation.
@@ -82,6 +82,14 @@ def _verdict(pairs):
     return "In short: " + "; ".join(parts) + "."
 
 
+def _p_cell(entry, name, primary):
+    """'0.0123 (Holm 0.0369)' for p-value `name` of an entry, in bold when it is the primary test."""
+    if entry[f"p_{name}"] is None:
+        return "—"
+    text = f"{entry[f'p_{name}']:.3g} (Holm {entry[f'p_{name}_holm']:.3g})"
+    return f"**{text}**" if name == primary else text
+
+
 def improvement_section(comparison, settings):
     pairs = _pairs(comparison)
     title = "## Improvement analysis\n\n"
@@ -92,21 +100,31 @@ def improvement_section(comparison, settings):
     rows = []
     for _, e in pairs:
         relative = NOT_RUN if e["relative"] is None else f"{100 * e['relative']:+.1f}%"
-        rows.append([percent(e["fraction"]), f"{100 * e['baseline_accuracy']:.1f}%", f"{100 * e['ssl_accuracy']:.1f}%",
-                     f"{100 * e['difference']:+.1f}", relative,
-                     f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]", f"{e['mcnemar_p']:.3g}",
+        per_seed = ", ".join(f"{seed}: {p:.3g}" for seed, p in e["mcnemar_p_per_seed"].items())
+        rows.append([percent(e["fraction"]), e["seeds"], f"{100 * e['baseline_accuracy']:.1f}%",
+                     f"{100 * e['ssl_accuracy']:.1f}%", f"{100 * e['difference']:+.1f}", relative,
+                     f"[{100 * e['ci_low']:+.1f}, {100 * e['ci_high']:+.1f}]", per_seed,
+                     _p_cell(e, "images", e["primary_test"]), _p_cell(e, "seeds", e["primary_test"]),
                      "yes" if e["significant"] else "no"])
-    header = ["N", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
-              "McNemar p", f"Significant (p < {alpha})"]
-    text = (f"SSL minus baseline test accuracy on the same test images. The interval is a paired "
-            f"percentile bootstrap over test images ({settings['bootstrap_samples']:,} resamples); McNemar's "
-            f"test compares the paired correct/wrong answers (exact binomial below 25 discordant pairs). "
-            f"With several seeds the paired predictions of all seeds are pooled.\n\n")
+    header = ["N", "Seeds", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
+              "McNemar p per seed", "p over test images", "p across seeds", f"Significant (Holm p < {alpha})"]
+    text = (f"SSL minus baseline test accuracy on the same test images, mean over the seeds both modes ran. "
+            f"The interval is a paired percentile bootstrap over test images ({settings['bootstrap_samples']:,} "
+            f"resamples) that carries every seed's predictions for each resampled image: it is the interval of "
+            f"the mean over seeds of d_i, SSL correct minus baseline correct on image i (not adjusted for "
+            f"multiple comparisons). McNemar's test (exact binomial below 25 discordant pairs) is run per seed, "
+            f"never on pooled seeds. *p over test images*: with one seed, that seed's McNemar p; with several, "
+            f"a two-sided one-sample t-test of d_i (mean over seeds per image) against 0 over the test images. "
+            f"*p across seeds* (3 or more seeds): a paired t-test of the per-seed test accuracies, pairs matched "
+            f"by seed. Each p-value is shown with its Holm correction across the label fractions N compared "
+            f"({len(pairs)}; each test its own family). *Significant* uses the Holm-corrected p of the primary test "
+            f"(in bold): the test across seeds with 3 or more seeds, else the test over test images.\n\n")
     return title + text + _table(header, rows) + "\n\n" + _verdict(pairs)
 
 
-def convergence_section(summary, settings):
+def convergence_section(summary, comparison, settings):
     modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
+    tolerance = points(settings["convergence_tolerance"])
     rows = []
     for k in keys:
         row = [percent(fractions[k])]
@@ -114,9 +132,26 @@ def convergence_section(summary, settings):
             e = summary[m].get(k)
             row.append(_num(e, "convergence_epoch", 1 if e and "convergence_epoch_std" in e else 0))
         rows.append(row)
-    text = (f"Epochs to convergence: the first epoch whose validation accuracy is within "
-            f"{settings['convergence_tolerance']:g} percentage points of the cell's best.\n\n")
-    return "## Convergence\n\n" + text + _table(["N"] + [f"{m} epochs" for m in modes], rows)
+    text = (f"Own best: the first epoch whose validation accuracy is within {tolerance} "
+            f"of the cell's own best. Each cell is measured against itself, so under a decaying learning rate "
+            f"both modes tend to converge near the end and this says little about which learns faster.\n\n")
+    section = "## Convergence\n\n" + text + _table(["N"] + [f"{m} epochs (own best)" for m in modes], rows)
+    pairs = _pairs(comparison)
+    if not pairs:
+        return section
+    common = []
+    for _, e in pairs:
+        c = e["convergence"]
+        common.append([percent(e["fraction"]), f"{100 * c['threshold']:.1f}%", f"{c['baseline_epochs']:g}",
+                       f"{c['ssl_epochs']:g}", f"{c['baseline_epochs_own_best']:g}", f"{c['ssl_epochs_own_best']:g}"])
+    header = ["N", "Common threshold", "baseline epochs", "ssl epochs", "baseline epochs (own best)",
+              "ssl epochs (own best)"]
+    text = (f"Common threshold, which compares the modes: for each seed both modes ran, the lower of the two "
+            f"modes' best validation accuracies minus {tolerance}; the epochs each mode needs to reach "
+            f"it are found per seed, then averaged over the seeds (the threshold shown is its mean over seeds). "
+            f"Both modes always reach it; fewer epochs means faster learning. The own-best epochs beside it "
+            f"are over the same seeds.\n\n")
+    return section + "\n\n" + text + _table(header, common)
 
 
 def _ours(summary, mode, fraction, name):
@@ -199,7 +234,7 @@ def build(summary, comparison, meta, devices, settings, pretrain=None, figures=(
     sections = [
         "# SimCLR vs supervised baseline on CIFAR-10", intro,
         experiments_section(summary), performance_section(summary),
-        improvement_section(comparison, settings), convergence_section(summary, settings),
+        improvement_section(comparison, settings), convergence_section(summary, comparison, settings),
         seed_project_section(summary), label_efficiency_section(comparison), pretrain_section(pretrain),
         data_section(meta, devices), figures_section(figures),
     ]

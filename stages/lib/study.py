@@ -1,5 +1,6 @@
 """The study's results: fine-tuned cells read back, summarised per mode and N, and SSL compared
-with the baseline (paired bootstrap interval, McNemar's test, label efficiency).
+with the baseline (seed-carrying paired bootstrap interval, per-seed McNemar, paired tests over
+test images and across seeds with Holm's correction across N, convergence, label efficiency).
 
 A cell is <finetune>/<mode>/<key>_s<seed>.{json,npz} plus <curves>/<mode>/<key>_s<seed>.csv.
 """
@@ -22,6 +23,10 @@ SCALARS = (
     ("convergence_epoch", "convergence_epoch", 2), ("best_epoch", "best_epoch", 2),
     ("epochs_run", "epochs_run", 2), ("seconds", "seconds", 1),
 )
+# From this many paired seeds on, the paired t-test across seeds is run and is the primary test.
+MIN_SEEDS_FOR_SEEDS_TEST = 3
+
+
 def load_cells(finetune_dir, curves_dir, num_classes, tolerance):
     """Every fine-tuned cell as a dict: the JSON's fields, `y_true`/`y_pred` (n_test,),
     `curve` {column: float array over epochs}, `metrics` (test) and `convergence_epoch`."""
@@ -117,45 +122,114 @@ def _rounded(value, digits, seeds):
 
 
 def compare(cells, p):
-    """{key: SSL vs baseline on the seeds both ran, "label_efficiency": {...}}, or {"note"}."""
+    """{key: SSL vs baseline on the seeds both ran, "label_efficiency": {...}}, or {"note"}.
+
+    Per key (fraction) the entry of compare_pair, with each family of p-values (`p_images`,
+    `p_seeds`) Holm-corrected across the compared fractions (`p_images_holm`, `p_seeds_holm`;
+    metrics.holm). The primary test is the across-seeds one with MIN_SEEDS_FOR_SEEDS_TEST or more
+    paired seeds, else the one over test images; `significant` is its Holm p (`p_primary_holm`)
+    below 1 - confidence. p-values keep 4 significant digits.
+    """
     groups, settings = _groups(cells), p["evaluate"]
     keys = sorted({k for m, k in groups if m == "ssl" and ("baseline", k) in groups},
                   key=lambda k: -groups[("ssl", k)][0]["fraction"])
-    comparison = {}
+    raw = {}
     for key in keys:
         entry = compare_pair(groups[("baseline", key)], groups[("ssl", key)], settings, p["seed"])
         if entry is not None:
-            comparison[key] = entry
-    if not comparison:
+            raw[key] = entry
+    if not raw:
         return {"note": "No comparison: SSL and baseline fine-tuning results with a common fraction and seed are "
                         "both needed (set finetune.modes to include baseline and ssl)."}
-    comparison["label_efficiency"] = efficiency(groups, [comparison[k]["fraction"] for k in comparison])
+    holm = {name: _holm_family(raw, name) for name in ("p_images", "p_seeds")}
+    comparison = {key: _with_holm(entry, holm["p_images"][key], holm["p_seeds"][key], settings["confidence"])
+                  for key, entry in raw.items()}
+    comparison["label_efficiency"] = efficiency(groups, [e["fraction"] for e in raw.values()])
     return comparison
 
 
 def compare_pair(baseline, ssl, settings, seed):
-    """Paired comparison of one fraction, pooling the predictions of the seeds both modes ran."""
+    """Paired comparison of one fraction on the seeds both modes ran, test images matched.
+
+    Accuracies are means over those seeds (fractions). The interval is the seed-carrying
+    paired bootstrap (metrics.bootstrap_diff_ci on (seeds, test images) arrays), McNemar's
+    test runs per seed, `p_images` is metrics.images_test, and `p_seeds` the paired t-test
+    of per-seed accuracies (MIN_SEEDS_FOR_SEEDS_TEST or more seeds, else None). p-values are
+    unrounded here; `convergence` is _convergence's. None when the modes share no seed.
+    """
     by_seed = {c["seed"]: c for c in baseline}
     pairs = [(by_seed[c["seed"]], c) for c in ssl if c["seed"] in by_seed]
     if not pairs:
         log(f"evaluate: {ssl[0]['key']}: ssl and baseline share no seed, not compared")
         return None
     for b, s in pairs:
-        if not np.array_equal(b["y_true"], s["y_true"]):
-            raise UserError(f"{s['key']} seed {s['seed']}: ssl and baseline test labels differ (items not paired)")
-    correct_b = np.concatenate([b["y_pred"] == b["y_true"] for b, _ in pairs])
-    correct_s = np.concatenate([s["y_pred"] == s["y_true"] for _, s in pairs])
+        if not (np.array_equal(b["y_true"], s["y_true"]) and np.array_equal(s["y_true"], pairs[0][1]["y_true"])):
+            raise UserError(f"{s['key']} seed {s['seed']}: test labels differ between modes or seeds "
+                            f"(test images not paired); rerun the fine-tune stages on one test set")
+    correct_b = np.stack([b["y_pred"] == b["y_true"] for b, _ in pairs])  # (seeds, test images)
+    correct_s = np.stack([s["y_pred"] == s["y_true"] for _, s in pairs])
+    accuracy_b, accuracy_s = correct_b.mean(axis=1), correct_s.mean(axis=1)  # (seeds,)
     low, high = metrics.bootstrap_diff_ci(correct_s, correct_b, settings["bootstrap_samples"],
                                           settings["confidence"], seed)
-    p_value = metrics.mcnemar_p(correct_s, correct_b)
-    base, ours = float(correct_b.mean()), float(correct_s.mean())
+    p_images, images_test = metrics.images_test(correct_s, correct_b)
+    across_seeds = len(pairs) >= MIN_SEEDS_FOR_SEEDS_TEST
+    base, ours = float(accuracy_b.mean()), float(accuracy_s.mean())
     return {
-        "fraction": ssl[0]["fraction"], "seeds": len(pairs), "paired_items": int(len(correct_s)),
+        "fraction": ssl[0]["fraction"], "seeds": len(pairs), "test_images": int(correct_s.shape[1]),
         "baseline_accuracy": round(base, 4), "ssl_accuracy": round(ours, 4),
         "difference": round(ours - base, 4), "relative": round((ours - base) / base, 4) if base > 0 else None,
         "ci_low": round(low, 4), "ci_high": round(high, 4), "confidence": settings["confidence"],
-        "mcnemar_p": float(f"{p_value:.4g}"), "significant": bool(p_value < 1 - settings["confidence"]),
+        "mcnemar_p_per_seed": {str(s["seed"]): _p(metrics.mcnemar_p(cs, cb))
+                               for (_, s), cs, cb in zip(pairs, correct_s, correct_b)},
+        "images_test": images_test, "p_images": p_images,
+        "seeds_test": metrics.SEEDS_TEST if across_seeds else None,
+        "p_seeds": metrics.t_test_p(accuracy_s - accuracy_b) if across_seeds else None,
+        "convergence": _convergence(pairs, settings["convergence_tolerance"]),
     }
+
+
+def _p(value):
+    """A p-value with 4 significant digits (None stays None)."""
+    return None if value is None else float(f"{value:.4g}")
+
+
+def _holm_family(entries, name):
+    """{key: Holm-adjusted entries[key][name]} across the keys that have that p-value (else None)."""
+    keys = [k for k, e in entries.items() if e[name] is not None]
+    adjusted = dict(zip(keys, metrics.holm([entries[k][name] for k in keys])))
+    return {k: adjusted.get(k) for k in entries}
+
+
+def _with_holm(entry, p_images_holm, p_seeds_holm, confidence):
+    """compare_pair's entry with rounded p-values, the Holm-adjusted ones, the primary test and `significant`."""
+    primary = "seeds" if entry["p_seeds"] is not None else "images"
+    p_primary = p_seeds_holm if primary == "seeds" else p_images_holm
+    tests = {"images_test": entry["images_test"], "p_images": _p(entry["p_images"]),
+             "p_images_holm": _p(p_images_holm), "seeds_test": entry["seeds_test"], "p_seeds": _p(entry["p_seeds"]),
+             "p_seeds_holm": _p(p_seeds_holm), "primary_test": primary, "p_primary_holm": _p(p_primary),
+             "significant": bool(p_primary < 1 - confidence)}
+    head = {k: v for k, v in entry.items() if k not in tests and k != "convergence"}
+    return {**head, **tests, "convergence": entry["convergence"]}
+
+
+def _convergence(pairs, tolerance):
+    """Epochs to convergence of one fraction, both definitions, means over the paired seeds.
+
+    pairs: [(baseline cell, ssl cell)] of one seed each; tolerance in points. `threshold` is
+    the mean over seeds of each seed's common threshold, min(best validation accuracy of the
+    two modes) - tolerance (an accuracy); `<mode>_epochs` the epochs that mode needs to reach
+    it (metrics.common_convergence, per seed, then averaged); `<mode>_epochs_own_best` the
+    per-cell definition (within tolerance of the cell's own best; metrics.convergence_epoch).
+    """
+    common = np.array([metrics.common_convergence(b["curve"]["val_accuracy"], s["curve"]["val_accuracy"], tolerance)
+                       for b, s in pairs])  # (seeds, 3): threshold, baseline epochs, ssl epochs
+    own = np.array([[b["convergence_epoch"], s["convergence_epoch"]] for b, s in pairs])  # (seeds, 2)
+    seeds = len(pairs)
+    return {"tolerance_points": tolerance, "threshold": round(float(common[:, 0].mean()), 4),
+            "baseline_epochs": _rounded(common[:, 1].mean(), 2, seeds),
+            "ssl_epochs": _rounded(common[:, 2].mean(), 2, seeds),
+            "baseline_epochs_own_best": _rounded(own[:, 0].mean(), 2, seeds),
+            "ssl_epochs_own_best": _rounded(own[:, 1].mean(), 2, seeds)}
 
 
 def _mean_accuracy(group):
