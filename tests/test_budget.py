@@ -35,3 +35,22 @@ def test_fewer_labels_train_fewer_steps_without_equal_steps():
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100
+
+
+def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
+    import json
+
+    from tests.conftest import run_module, write_params
+
+    params = write_params(tmp_path / "params.yaml", **{
+        "model.width": 4, "pretrain.batch_size": 16, "pretrain.compile": False, "pretrain.proj_hidden": 32})
+    result = run_module("stages.bench", "--params", params, "--images", "64", "--repeats", "1",
+                        "--json", tmp_path / "bench.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("train step views/s", "epoch img/s", "epoch views/s", "inference img/s", "decode img/s",
+                "stage start-up s", "augment whole pipeline views/s", "checkpoint write s"):
+        assert figures[key] > 0, key
+    assert figures["epoch views/s"] == pytest.approx(2 * figures["epoch img/s"], rel=0.01)
+    assert [row["stage"] for row in figures["budget"]][:3] == ["data", "split", "pretrain"]
+    assert "| **whole study** |" in result.stdout
