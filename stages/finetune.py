@@ -93,7 +93,9 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
     run_params = {**p, "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
-    mlflow_run = tracking.stage_run(f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags)
+    mlflow_run = tracking.stage_run(
+        f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags,
+        data=tracking.dataset(args.data, "training", subset=(fraction_key(fraction), config["labeled"])))
     with distributed.main_only(mlflow_run) as mlrun:
         task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, seed, steps, device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))

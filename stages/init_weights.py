@@ -3,8 +3,9 @@ backbone per fine-tuning seed (so seeds vary the baseline's init too), saved lik
 weights so both fine-tuning modes start from a file."""
 import torch
 
-from stages.lib import params
+from stages.lib import params, tracking
 from stages.lib.cli import log, run_stage
+from stages.lib.io import removed_on_failure
 from stages.lib.models import ResNet, save_backbones
 
 
@@ -15,11 +16,13 @@ def add_arguments(parser):
 def run(args):
     p = params.load(args.params, "model", "finetune")
     arch, width, seeds = p["model"]["arch"], p["model"]["width"], p["finetune"]["seeds"]
-    backbones = {}
-    for seed in seeds:
-        torch.manual_seed(seed)
-        backbones[seed] = ResNet(arch, width)
-    save_backbones(args.out, backbones, origin="random", params={"model": p["model"], "seeds": seeds})
+    backbones, read = {}, {"model": p["model"], "finetune": {"seeds": seeds}}  # the params dvc.yaml names
+    with removed_on_failure(args.out), tracking.stage_run("init", read) as run:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            backbones[seed] = ResNet(arch, width)
+        save_backbones(args.out, backbones, origin="random", params={"model": p["model"], "seeds": seeds})
+        run.log_metrics({"backbone_parameters": sum(t.numel() for t in backbones[seeds[0]].parameters())})
     log(f"init: random {arch} width {width} weights for seeds {', '.join(map(str, seeds))} -> {args.out}")
 
 

@@ -1,5 +1,6 @@
 """DVC stage `pretrain`: SimCLR on all training images (no labels), monitored by kNN accuracy
-on the validation split. Writes the backbone weights, metrics/pretrain.json and the curve."""
+on the validation split. Writes the backbone weights, metrics/pretrain.json and the curves: one row per
+epoch, and the kNN accuracy at the epochs it was measured (`pretrain.knn_every`)."""
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ def add_arguments(parser):
     parser.add_argument("--val", required=True, help="validation indices (.npy) from the split stage")
     parser.add_argument("--out", required=True, nargs="+", help="backbone weights file(s) to write")
     parser.add_argument("--metrics", required=True, help="final metrics JSON")
-    parser.add_argument("--curve", required=True, help="per-epoch CSV (loss, lr, kNN accuracy)")
+    parser.add_argument("--curve", required=True, help="per-epoch CSV (loss, lr, seconds, images per second)")
+    parser.add_argument("--knn-curve", help="CSV of the kNN accuracy [%%] at the epochs it was measured")
     parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
 
 
@@ -41,16 +43,18 @@ def run(args):
     log(f"pretrain: {len(x)} images on {distributed.world()} x {train.device_name(device)}, "
         f"{model['arch']} width {model['width']}")
     mlflow_run = tracking.stage_run("pretrain", p, tags={"device": train.device_name(device),
-                                                        "processes": str(distributed.world())})
-    with removed_on_failure(*args.out, args.metrics, args.curve), distributed.main_only(mlflow_run) as mlrun:
+                                                        "processes": str(distributed.world())},
+                                    data=tracking.dataset(args.data, "training"))
+    curves = [args.curve] + ([args.knn_curve] if args.knn_curve else [])
+    with removed_on_failure(*args.out, args.metrics, *curves), distributed.main_only(mlflow_run) as mlrun:
         task = PretrainTask(images, monitor, cfg, model["arch"], model["width"], p["seed"], device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg["epochs"], task.steps_per_epoch, checkpoint, cfg["checkpoint_seconds"], "pretrain")
         if distributed.is_main():
             summary = write_outputs(args, p, task, device)
             mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-            mlrun.log_artifact(args.curve)
-            mlrun.log_artifact(args.metrics)
+            for path in (*curves, args.metrics):
+                mlrun.log_artifact(path)
     checkpoint.delete()
     distributed.cleanup()
 
@@ -72,7 +76,10 @@ def write_outputs(args, p, task, device):
     }
     for out in args.out:
         save_backbone(out, task.model.backbone, origin="simclr", params=p)
-    write_csv(args.curve, [{k: ("" if v is None else v) for k, v in row.items()} for row in history])
+    write_csv(args.curve, [{k: v for k, v in row.items() if k != "knn_accuracy"} for row in history])
+    if args.knn_curve:
+        write_csv(args.knn_curve, [{"epoch": row["epoch"], "knn_accuracy_percent": round(100 * row["knn_accuracy"], 2)}
+                                   for row in history if row["knn_accuracy"] is not None])
     write_json(args.metrics, summary)
     log(f"pretrain: done, kNN accuracy {summary['knn_accuracy']:.4f}, {summary['images_per_second']:,} img/s")
     return summary

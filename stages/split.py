@@ -14,7 +14,8 @@ def run(args):
     p = params.load(args.params, "seed", "fraction", "data")
     _, y = cifar.load_prepared(args.data, "train")
     val, labeled = splits.make_splits(y, p["data"]["val_size"], p["fraction"], p["seed"])
-    with removed_on_failure(args.out), tracking.stage_run("split", p) as run:
+    data = tracking.dataset(args.data, "split")
+    with removed_on_failure(args.out), tracking.stage_run("split", p, data=data) as run:
         with atomic_path(args.out) as tmp:
             splits.save_splits(tmp, val, labeled)
         run.log_metrics({"val_images": len(val), **{f"labeled_{splits.fraction_key(f)}": len(i) for f, i in labeled.items()}})

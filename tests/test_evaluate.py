@@ -1,14 +1,14 @@
 """The evaluate stage on fabricated fine-tune outputs: metrics files, figures, report, errors."""
 import csv
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib import study
-from stages.lib import cifar, report
+from stages.lib import cifar, dvc_views, report, study, tracking
 from stages.lib.splits import fraction_key
 from tests.conftest import run_module, synthetic_images, write_params
 
@@ -116,10 +116,7 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
     for path in [root / "plots" / f"{name}.png" for name in PLOTS] + [root / "samples.png"]:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100, path
-    with open(root / "plots/accuracy_vs_fraction.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [float(r["fraction"]) for r in rows] == [0.1, 0.5, 1.0]
-    assert float(rows[0]["ssl"]) == pytest.approx(accuracy["ssl"]["n10"], abs=1e-4)
+    assert_dvc_views(root, accuracy, comparison)
     text = (root / "metrics/report.md").read_text()
     for heading in ("Metrics comparison per experiment", "Performance summary", "Improvement analysis",
                     "Convergence", "Data and device", "SimCLR pretraining", "Label efficiency"):
@@ -130,6 +127,39 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
     assert "71.4%" in text and "39.6%" in text and "not reported" in text
     assert "JPEG (quality 75)" in text and "ab" * 32 in text and "61.2%" in text
     assert not list((root / "metrics").glob(".*tmp*")) and not list((root / "plots").glob(".*tmp*"))
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_dvc_views(root, accuracy, comparison):
+    """The headline metrics (numbers only, a few per file) and the CSV files DVC plots (no empty cell)."""
+    headline = {p.name: json.loads(p.read_text()) for p in (root / "metrics/headline").iterdir()}
+    assert set(headline) == {"n100.json", "n50.json", "n10.json", "study.json"}
+    for key in ("n100", "n50", "n10"):
+        numbers, entry = headline[f"{key}.json"], comparison[key]
+        assert numbers["accuracy"] == {m: pytest.approx(accuracy[m][key], abs=1e-4) for m in ("baseline", "ssl")}
+        assert set(numbers["f1"]) == {"baseline", "ssl"}
+        assert numbers["gain"] == {"accuracy": entry["difference"], "ci_lower": entry["ci_low"],
+                                   "ci_upper": entry["ci_high"],
+                                   "log10_p": pytest.approx(math.log10(entry["p_primary_holm"]), abs=0.01)}
+    assert headline["study.json"] == {"knn_accuracy": 0.6123, "seconds": 42.0 + 6 * 12.5}
+    for numbers in headline.values():
+        values = list(tracking.flatten(numbers).values())
+        assert len(values) <= 8 and all(type(v) in (int, float) for v in values), numbers
+    val = read_csv(root / "plots/val_accuracy.csv")
+    assert len(val) == 6 * 6 and {r["mode"] for r in val} == {"baseline", "ssl"}
+    assert {r["N"] for r in val} == {"N = 100%", "N = 50%", "N = 10%"}
+    test = read_csv(root / "plots/test_accuracy.csv")
+    ssl_n10 = next(r for r in test if r["mode"] == "ssl" and r["fraction"] == "0.1")
+    assert float(ssl_n10["test_accuracy_percent"]) == pytest.approx(100 * accuracy["ssl"]["n10"], abs=0.01)
+    gain = read_csv(root / "plots/ssl_gain.csv")
+    assert [r["N"] for r in gain] == ["N = 100%", "N = 50%", "N = 10%"]
+    assert float(gain[0]["gain_points"]) == pytest.approx(100 * comparison["n100"]["difference"], abs=0.01)
+    for row in val + test + gain:
+        assert "" not in row.values(), row
 
 
 def test_no_results_is_a_one_line_error(fabricated):
@@ -177,6 +207,8 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     assert comparison["n10"]["images_test"] == "one-sample t-test of d_i over test images"
     meta = {"source": "torchvision", "sha256": None, "counts": {}}
     text = report.build(summary, comparison, meta, {"ssl": ["cpu"]}, params["evaluate"])
+    rows = [r for r in dvc_views.curve_rows(cells) if r["mode"] == "ssl" and r["N"] == "N = 10%"]
+    assert {r["seed"] for r in rows} == {0, 1} and len(rows) == 2 * 6  # every seed: the plot shows their spread
     assert f"{100 * entry['accuracy']:.1f} ± {100 * entry['accuracy_std']:.1f}%" in text
     assert "linear accuracy" in text and "90% CI" in text and "SimCLR pretraining" not in text
     assert "Holm" in text and "Common threshold" in text and "never on pooled seeds" in text
@@ -191,3 +223,7 @@ def test_baseline_only_has_no_comparison(tmp_path):
     summary, _ = study.summarise(cells, list(cifar.CLASSES))
     text = report.build(summary, comparison, {"source": "x"}, {"baseline": ["cpu"]}, params["evaluate"])
     assert "## Improvement analysis" in text and comparison["note"] in text
+    headline = dvc_views.headline(summary, comparison, cells)
+    assert headline["n10.json"] == {"accuracy": {"baseline": summary["baseline"]["n10"]["accuracy"]},
+                                    "f1": {"baseline": summary["baseline"]["n10"]["f1"]}}
+    assert headline["study.json"] == {"seconds": 3 * 12.5} and dvc_views.gain_rows(comparison) == []

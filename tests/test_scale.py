@@ -120,8 +120,9 @@ def test_queued_experiments_run_in_parallel_into_one_store(study, monkeypatch):
     for name, fraction, key in (("a", 0.1, "n10"), ("b", 0.5, "n50")):
         data = exps[name]["data"]
         assert data["params"]["params.yaml"]["data"]["fraction"] == fraction
-        summary = data["metrics"]["metrics/summary.json"]["data"]
-        assert set(summary["ssl"]) == {key} and set(summary["baseline"]) == {key}
+        headline = {path for path in data["metrics"] if path.startswith("metrics/headline/")}
+        assert headline == {f"metrics/headline/{key}.json", "metrics/headline/study.json"}
+        assert set(data["metrics"][f"metrics/headline/{key}.json"]["data"]["accuracy"]) == {"baseline", "ssl"}
 
     # The queued runs' stages found the main repository's store (DVC_ROOT), and none was lost.
     runs = runs_by_exp(f"sqlite:///{store}")

@@ -116,10 +116,11 @@ def _grouped(summary):
     return mode_order(list(summary)), keys, fractions
 
 
-def _compared(comparison):
-    """The per-N entries of `comparison` (those with a `difference`), largest fraction first."""
-    return sorted((e for e in comparison.values() if isinstance(e, dict) and "difference" in e),
-                  key=lambda e: -e["fraction"])
+def compared(comparison):
+    """[(key, entry)] of the fractions N that `comparison` compares (entries with a `difference`),
+    largest fraction first."""
+    entries = [(k, e) for k, e in comparison.items() if isinstance(e, dict) and "difference" in e]
+    return sorted(entries, key=lambda item: -item[1]["fraction"])
 
 
 def _grouped_bars(ax, groups, labels, modes):
@@ -134,7 +135,9 @@ def _grouped_bars(ax, groups, labels, modes):
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    top = max((h + e for bars in groups.values() for _, h, e in bars), default=1.0)
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1.25 * top))  # room above the bars for the legend
+    ax.legend(loc="upper left", ncol=len(groups))
 
 
 def convergence_bars(summary, comparison, tolerance, path):
@@ -145,7 +148,7 @@ def convergence_bars(summary, comparison, tolerance, path):
     (comparison's `convergence`: lower of the two bests minus tolerance, mean over seeds).
     """
     modes, keys, fractions = _grouped(summary)
-    rows = _compared(comparison)
+    rows = [entry for _, entry in compared(comparison)]
     fig, (own, common) = plt.subplots(1, 2, sharey=True, figsize=(max(10, 3.2 * len(keys) + 3), 4.5))
     _grouped_bars(own, {m: [(j, summary[m][k]["convergence_epoch"], summary[m][k].get("convergence_epoch_std", 0))
                             for j, k in enumerate(keys) if k in summary[m]] for m in modes},
@@ -170,8 +173,8 @@ def convergence_bars(summary, comparison, tolerance, path):
 def gain_with_ci(comparison, path):
     """SSL minus baseline test accuracy per N, in points, with the bootstrap interval and the
     Holm-corrected p-value of the primary test."""
-    rows = _compared(comparison)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
+    rows = [entry for _, entry in compared(comparison)]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
     if not rows:
         ax.text(0.5, 0.5, "No SSL / baseline pair to compare", ha="center", va="center", fontsize=13)
         ax.set_axis_off()

@@ -5,7 +5,7 @@ Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
 `settings` (params section `evaluate`), optional SimCLR `pretrain` metrics and figure links.
 Accuracies are fractions in the inputs and percentages in the text.
 """
-from stages.lib.plots import mode_order, percent, points
+from stages.lib.plots import compared, mode_order, percent, points
 
 # Reference numbers reported by the seed project this study grew from (test accuracy, all
 # other numbers of it are unknown); shown beside ours, never used in any computation.
@@ -63,11 +63,6 @@ def performance_section(summary):
         ["N"] + [f"{m} accuracy" for m in modes], rows)
 
 
-def _pairs(comparison):
-    entries = [(k, e) for k, e in comparison.items() if isinstance(e, dict) and "difference" in e]
-    return sorted(entries, key=lambda item: -item[1]["fraction"])
-
-
 def _verdict(pairs):
     groups = {"SSL is significantly better": [], "the baseline is significantly better": [],
               "the difference is not significant": []}
@@ -91,7 +86,7 @@ def _p_cell(entry, name, primary):
 
 
 def improvement_section(comparison, settings):
-    pairs = _pairs(comparison)
+    pairs = compared(comparison)
     title = "## Improvement analysis\n\n"
     if not pairs:
         return title + comparison.get("note", "No SSL / baseline pair to compare.")
@@ -136,7 +131,7 @@ def convergence_section(summary, comparison, settings):
             f"of the cell's own best. Each cell is measured against itself, so under a decaying learning rate "
             f"both modes tend to converge near the end and this says little about which learns faster.\n\n")
     section = "## Convergence\n\n" + text + _table(["N"] + [f"{m} epochs (own best)" for m in modes], rows)
-    pairs = _pairs(comparison)
+    pairs = compared(comparison)
     if not pairs:
         return section
     common = []

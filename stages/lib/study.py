@@ -257,16 +257,3 @@ def efficiency(groups, fractions):
     return {"ssl_fraction": ssl_fraction, "ssl_accuracy": round(target, 4),
             "baseline_fraction_needed": None if needed is None else round(needed, 4), "note": note}
 
-
-def accuracy_rows(summary):
-    """[{fraction, <mode>: test accuracy or ''}] sorted by fraction, for DVC plots."""
-    modes = plots.mode_order(list(summary))
-    fractions = sorted({e["fraction"] for cells in summary.values() for e in cells.values()})
-    rows = []
-    for fraction in fractions:
-        row = {"fraction": fraction}
-        for mode in modes:
-            match = [e["accuracy"] for e in summary[mode].values() if e["fraction"] == fraction]
-            row[mode] = match[0] if match else ""
-        rows.append(row)
-    return rows

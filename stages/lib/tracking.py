@@ -4,7 +4,9 @@ Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite stor
 its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
 (set by DVC, and pointing at the main repository even for queued experiments run in a
 temporary folder), else the git top level, else the current directory.
-Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10'.
+Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10', tagged as model training (EXPERIMENT_KIND).
+Each run is tagged with its DVC stage, experiment and pipeline run (the `dvc` invocation that
+ran it: the runs table groups by `dvc.pipeline_run`), and logs the data set it read as an input.
 Several processes may share one SQLite store (parallel queued experiments): its creation
 is serialised with a file lock, and busy writes are retried.
 """
@@ -14,11 +16,17 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from stages.lib.cli import UserError, log
+from stages.lib.io import read_json
 
 DEFAULT_EXPERIMENT = "simclr-cifar10"
+# The experiment's kind for MLflow 3: model training, not GenAI (MLflow 3.17's UI picks its view with
+# the switch atop its sidebar, though: README, Tracking).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+TORCHVISION_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # what torchvision downloads
 
 
 def repo_root():
@@ -68,13 +76,17 @@ def _experiment_id(mlflow, uri):
     try:
         experiment = _retry(lambda: mlflow.get_experiment_by_name(name), "read experiment")
         if experiment is not None:
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # made before the kind was set
+                client = mlflow.MlflowClient()
+                _retry(lambda: client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND), "tag experiment")
             return experiment.experiment_id
         location = None
         if uri.startswith("sqlite:///"):  # artifacts beside the database file
             location = (Path(uri[len("sqlite:///"):].split("?")[0]).resolve().parent / "mlartifacts").as_uri()
         elif "://" not in uri:
             location = (repo_root() / "mlartifacts").as_uri()
-        return _retry(lambda: mlflow.create_experiment(name, artifact_location=location), "create experiment")
+        return _retry(lambda: mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND])),
+                      "create experiment")
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
@@ -101,6 +113,61 @@ class Run:
 
     def log_artifacts(self, path, folder=None):
         self._mlflow.log_artifacts(str(path), artifact_path=folder)
+
+    def log_dataset(self, data):
+        """Log `data` (from `dataset`) as the run's input: the runs table's Dataset column."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        if data["source"].startswith("https://"):
+            source = HTTPDatasetSource(data["source"])
+        else:
+            with warnings.catch_warnings():  # a local path fits two equal source types; either will do
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(data["source"])
+        dataset = MetaDataset(source, name=data["name"], digest=data["digest"])
+        _retry(lambda: self._mlflow.log_input(dataset, context=data["context"]), "log input")
+
+
+def dataset(data_dir, context, subset=None):
+    """The prepared data in data_dir as a run input: {name, source, digest, context}.
+
+    Source and digest come from its meta.json (the source named in params, the prepared arrays'
+    SHA-256; the directory itself and MLflow's own digest when meta.json lacks them). `subset`,
+    (name, fingerprint of its indices), names the part a run trains on, e.g. ('n10', '3fa2...').
+    """
+    meta = read_json(Path(data_dir) / "meta.json", "data meta")
+    source = meta.get("source") or str(Path(data_dir).resolve())
+    if source == "torchvision":
+        source = TORCHVISION_URL
+    elif not Path(source).is_absolute():
+        source = str(repo_root() / source)
+    name, digest = "cifar10", meta.get("content_sha256")
+    if subset is not None:
+        name = f"{name}-{subset[0]}"
+        if digest:
+            digest = hashlib.sha256(f"{digest} {subset[1]}".encode()).hexdigest()
+    return {"name": name, "source": source, "digest": digest[:8] if digest else None, "context": context}
+
+
+def pipeline_run():
+    """The `dvc` invocation that runs this stage, as the runs table can group by it: the DVC experiment
+    ('workspace' for dvc repro) and when that `dvc` process started. None outside DVC."""
+    if "DVC_STAGE" not in os.environ:
+        return None
+    import psutil  # a DVC dependency
+
+    try:
+        process = psutil.Process().parent()
+        while process is not None and "dvc" not in [Path(arg).name for arg in process.cmdline()[:3]]:
+            process = process.parent()
+        if process is None:
+            return None
+        started = time.localtime(process.create_time())
+    except psutil.Error:
+        return None
+    return f"{os.environ.get('DVC_EXP_NAME', 'workspace')} {time.strftime('%Y-%m-%d %H:%M:%S', started)}"
 
 
 @contextlib.contextmanager
@@ -149,12 +216,15 @@ def connect():
 
 
 @contextlib.contextmanager
-def stage_run(stage, params, run_name=None, tags=None):
-    """Open an MLflow run for one stage invocation, logging its params and standard tags."""
+def stage_run(stage, params, run_name=None, tags=None, data=None):
+    """Open an MLflow run for one stage invocation, logging its params, standard tags and the
+    data set it reads (`data`, from `dataset`)."""
     mlflow = connect()
+    group = pipeline_run()
     all_tags = {
         "dvc.stage": os.environ.get("DVC_STAGE", stage),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        **({"dvc.pipeline_run": group} if group else {}),
         "git.commit": _git("rev-parse", "HEAD") or "unknown",
         **(tags or {}),
     }
@@ -162,5 +232,8 @@ def stage_run(stage, params, run_name=None, tags=None):
     with run:
         flat = {k: str(v) for k, v in flatten(params).items()}
         _retry(lambda: mlflow.log_params(flat), "log params")
+        tracked = Run(mlflow, run.info.run_id)
+        if data is not None:
+            tracked.log_dataset(data)
         log(f"{stage}: MLflow run {run.info.run_id} in {tracking_uri()}")
-        yield Run(mlflow, run.info.run_id)
+        yield tracked

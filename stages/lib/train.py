@@ -266,8 +266,8 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, la
     last_save = time.monotonic()
     with StopSignal() as stop:
         while epoch < epochs:
-            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch * task.images_per_step,
-                                unit="img", quiet=not distributed.is_main())
+            progress = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch * task.images_per_step, "img",
+                                initial=start_step * task.images_per_step, quiet=not distributed.is_main())
             losses = torch.zeros(steps_per_epoch, device=task.device)
             for step in range(start_step, steps_per_epoch):
                 losses[step] = task.step(epoch, step)
