@@ -31,7 +31,9 @@ def fabricate_cell(root, mode, fraction, seed, skill, epochs=6):
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / f"{key}_s{seed}.npz", y_true=y_true, y_pred=y_pred)
     info = {"mode": mode, "fraction": fraction, "key": key, "seed": seed, "labeled_images": int(4500 * fraction),
-            "best_epoch": epochs - 1, "epochs_run": epochs, "seconds": 12.5, "device": "cpu"}
+            "best_epoch": epochs - 1, "epochs_run": epochs, "seconds": 12.5, "device": "cpu",
+            "settings": {"lr": 0.1, "backbone_lr": 0.1, "head_epochs": 0, "epochs": epochs, "weight_decay": 0.0005,
+                         "batch_size": 256, "equal_steps": True}}
     (out / f"{key}_s{seed}.json").write_text(json.dumps(info))
     curve_dir = root / "curves" / mode
     curve_dir.mkdir(parents=True, exist_ok=True)
@@ -118,9 +120,10 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
             assert image.format == "PNG" and image.width > 100 and image.height > 100, path
     assert_dvc_views(root, accuracy, comparison)
     text = (root / "metrics/report.md").read_text()
-    for heading in ("Metrics comparison per experiment", "Performance summary", "Improvement analysis",
-                    "Convergence", "Data and device", "SimCLR pretraining", "Label efficiency"):
+    for heading in ("Metrics comparison per experiment", "Fine-tuning settings per cell", "Performance summary",
+                    "Improvement analysis", "Convergence", "Data and device", "SimCLR pretraining", "Label efficiency"):
         assert f"## {heading}" in text
+    assert "| baseline | 100% | 0.1 | 0.1 | 0 | 6 | 0.0005 | 256 | True | 5 |" in text  # settings, kept epoch
     for mode in accuracy:
         for value in accuracy[mode].values():
             assert f"{100 * value:.1f}%" in text

@@ -56,6 +56,29 @@ def experiments_section(summary):
     return "## Metrics comparison per experiment\n\n" + _table(header, rows)
 
 
+SETTING_COLUMNS = (("lr", "Head lr"), ("backbone_lr", "Backbone lr"), ("head_epochs", "Head-only epochs"),
+                   ("epochs", "Epochs"), ("weight_decay", "Weight decay"), ("batch_size", "Batch"),
+                   ("equal_steps", "Equal steps"))
+
+
+def settings_section(summary):
+    """The fine-tuning settings each cell ran with (the same rule for every mode), and its best epoch."""
+    rows = []
+    for mode in mode_order(list(summary)):
+        for key in sorted(summary[mode], key=lambda k: -summary[mode][k]["fraction"]):
+            e = summary[mode][key]
+            runs = e["settings"] if isinstance(e["settings"], list) else [e["settings"]]
+            for run in runs:
+                rows.append([mode, percent(e["fraction"])] + [f"{run.get(name, NOT_REPORTED)}"
+                                                               for name, _ in SETTING_COLUMNS]
+                            + [_num(e, "best_epoch", 1 if "best_epoch_std" in e else 0)])
+    header = ["Mode", "N"] + [title for _, title in SETTING_COLUMNS] + ["Best epoch (kept)"]
+    text = ("The settings each cell was fine-tuned with (`finetune` in params.yaml; every mode by the same "
+            "rule) and the epoch whose weights were kept: the best validation accuracy over the whole "
+            "schedule.\n\n")
+    return "## Fine-tuning settings per cell\n\n" + text + _table(header, rows)
+
+
 def performance_section(summary):
     modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
     rows = [[percent(fractions[k])] + [_pct(summary[m].get(k), "accuracy") for m in modes] for k in keys]
@@ -228,7 +251,7 @@ def build(summary, comparison, meta, devices, settings, pretrain=None, figures=(
         intro += " Where several seeds ran, values are mean ± standard deviation over seeds."
     sections = [
         "# SimCLR vs supervised baseline on CIFAR-10", intro,
-        experiments_section(summary), performance_section(summary),
+        experiments_section(summary), settings_section(summary), performance_section(summary),
         improvement_section(comparison, settings), convergence_section(summary, comparison, settings),
         seed_project_section(summary), label_efficiency_section(comparison), pretrain_section(pretrain),
         data_section(meta, devices), figures_section(figures),

@@ -13,7 +13,8 @@ from stages.lib import metrics, plots
 from stages.lib.cli import UserError, log
 from stages.lib.io import load_npz, read_json
 
-CELL_KEYS = ("mode", "fraction", "key", "seed", "labeled_images", "best_epoch", "epochs_run", "seconds", "device")
+CELL_KEYS = ("mode", "fraction", "key", "seed", "labeled_images", "best_epoch", "epochs_run", "seconds", "device",
+             "settings")
 CURVE_COLUMNS = ("epoch", "train_loss", "val_accuracy", "lr")
 # Summary values per cell: (name, source in the cell, decimals when rounded).
 SCALARS = (
@@ -95,11 +96,15 @@ def _value(cell, source):
 
 
 def summarise(cells, classes):
-    """summary {mode: {key: {fraction, seeds, <scalar>[, <scalar>_std]}}} (mean over seeds, sample
-    std when several) and per_class {mode: {key: {per_class_recall, confusion}}} pooled over seeds."""
+    """summary {mode: {key: {fraction, seeds, settings, <scalar>[, <scalar>_std]}}} (mean over seeds,
+    sample std when several; `settings`: the fine-tuning choices the cells ran with, one dict when
+    every seed ran the same, else the list per seed) and per_class {mode: {key: {per_class_recall,
+    confusion}}} pooled over seeds."""
     summary, per_class = {}, {}
     for (mode, key), group in _groups(cells).items():
-        entry = {"fraction": group[0]["fraction"], "seeds": len(group), "labeled_images": group[0]["labeled_images"]}
+        settings = [c["settings"] for c in group]
+        entry = {"fraction": group[0]["fraction"], "seeds": len(group), "labeled_images": group[0]["labeled_images"],
+                 "settings": settings[0] if all(s == settings[0] for s in settings) else settings}
         for name, source, digits in SCALARS:
             values = np.array([_value(c, source) for c in group], dtype=float)
             entry[name] = _rounded(values.mean(), digits, len(group))
