@@ -29,7 +29,7 @@ from stages.lib.io import write_json
 from stages.lib.losses import nt_xent
 from stages.lib.simclr import PretrainTask
 
-TEST_IMAGES = 10_000  # CIFAR-10's test set, for the budget
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-10's splits, for the budget
 
 
 def add_arguments(parser):
@@ -171,8 +171,9 @@ def rates_from(results, evaluate_seconds):
 
 def study_from(p):
     """The study params.yaml describes (CIFAR-10's 50,000 training images unless data.limit)."""
-    train_images = min(50_000, p["data"]["limit"] or 50_000)
-    return budget.Study(train_images=train_images, test_images=TEST_IMAGES, val_images=p["data"]["val_size"],
+    train_images = min(TRAIN_IMAGES, p["data"]["limit"] or TRAIN_IMAGES)
+    return budget.Study(source_images=TRAIN_IMAGES + TEST_IMAGES, train_images=train_images,
+                        test_images=TEST_IMAGES, val_images=p["data"]["val_size"],
                         fractions=tuple(p["fraction"]), seeds=len(p["finetune"]["seeds"]),
                         modes=len(p["finetune"]["modes"]), pretrain=p["pretrain"], finetune=p["finetune"])
 

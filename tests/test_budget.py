@@ -10,7 +10,7 @@ FINETUNE = {"max_epochs": 3, "batch_size": 100, "equal_steps": True, "compile": 
 
 
 def test_budget_rows_are_worked_by_hand():
-    study = budget.Study(train_images=1000, test_images=200, val_images=200, fractions=(1.0, 0.1), seeds=2,
+    study = budget.Study(source_images=1200, train_images=1000, test_images=200, val_images=200, fractions=(1.0, 0.1), seeds=2,
                          modes=2, pretrain=PRETRAIN, finetune=FINETUNE)
     rows, total = budget.study_budget(RATES, study)
     by_stage = {row["stage"]: row for row in rows}
@@ -31,7 +31,7 @@ def test_budget_rows_are_worked_by_hand():
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
-    study = budget.Study(1000, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, {**FINETUNE, "equal_steps": False})
+    study = budget.Study(1200, 1000, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, {**FINETUNE, "equal_steps": False})
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100

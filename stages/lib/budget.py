@@ -25,6 +25,7 @@ class Rates:
 class Study:
     """What a study processes: image counts from the data, settings from params.yaml."""
 
+    source_images: int  # images the data stage decodes: all of the source (data.limit subsets afterwards)
     train_images: int  # training images (after data.limit)
     test_images: int
     val_images: int
@@ -71,7 +72,7 @@ def study_budget(rates, s):
     `images` counts what passes through the network in training (SimCLR: both views), or the
     images decoded for the data stage. The finetune row is one mode; the total counts every mode.
     """
-    decode = s.train_images + s.test_images
+    decode = s.source_images
     finetune = _finetune(rates, s)
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
