@@ -121,7 +121,8 @@ def _jitter_op(name, x, factor):
         return kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor)
     if name == "saturation":
         return kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor)
-    return kornia.enhance.adjust_hue(x, factor * 2 * math.pi)  # turns -> radians
+    # turns -> radians; the other three clip to [0, 1] themselves, hue's HSV round trip may not
+    return kornia.enhance.adjust_hue(x, factor * 2 * math.pi).clamp(0.0, 1.0)
 
 
 def color_jitter(x, factors, order, on):
@@ -136,7 +137,7 @@ def color_jitter(x, factors, order, on):
     for position in range(len(JITTER_OPS)):
         for index, name in enumerate(JITTER_OPS):
             chosen = (order[:, position] == index).view(-1, 1, 1, 1) & mask  # (B, 1, 1, 1)
-            x = torch.where(chosen, _jitter_op(name, x, factors[name]).clamp(0.0, 1.0), x)
+            x = torch.where(chosen, _jitter_op(name, x, factors[name]), x)
     return x
 
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from stages.lib import distributed, train
 from stages.lib.augment import SupervisedAugment
-from stages.lib.cli import log
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import Classifier, ResNet
 
@@ -49,10 +48,8 @@ class FinetuneTask(train.Task):
         self.model.head.reset_parameters()
         self.images_per_step = p["batch_size"]  # global: split evenly over the processes
         self.local = distributed.per_rank_batch(p["batch_size"], "finetune.batch_size")
-        groups = (train.param_groups(self.model.backbone, p["weight_decay"], p["backbone_lr_scale"])
-                  + train.param_groups(self.model.head, p["weight_decay"]))
-        for group in groups[:2]:
-            group["part"] = "backbone"
+        groups = (train.param_groups(self.model.backbone, p["weight_decay"], p["backbone_lr_scale"], "backbone")
+                  + train.param_groups(self.model.head, p["weight_decay"], part="head"))
         self.optimizer = train.make_optimizer("sgd", groups, p["lr"], p["momentum"])
         self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
         self.generator = train.rank_generator(seed, device)
@@ -73,25 +70,23 @@ class FinetuneTask(train.Task):
     def _start_epoch(self, epoch):
         self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
         self.model.train()
-        if self.head_only(epoch):
+        frozen = self.head_only(epoch)
+        if frozen:
             self.model.backbone.eval()  # frozen: BatchNorm statistics stay as they started
-        elif epoch == self.p["head_epochs"] > 0:  # the backbone starts training: no stale momentum
-            for group in self.optimizer.param_groups:
-                if group.get("part") == "backbone":
+        for group in self.optimizer.param_groups:
+            if group["part"] == "backbone":
+                group["lr_scale"] = 0.0 if frozen else self.p["backbone_lr_scale"]  # set_lr applies it
+                if epoch == self.p["head_epochs"] > 0:  # the backbone starts training: no stale momentum
                     for param in group["params"]:
                         self.optimizer.state.pop(param, None)
 
     def step(self, epoch, step):
         if self.order_epoch != epoch:
             self._start_epoch(epoch)
-        batch, frozen = self.p["batch_size"], self.head_only(epoch)
+        batch = self.p["batch_size"]
         total = self.p["max_epochs"] * self.steps_per_epoch
         warmup = self.p["warmup_epochs"] * self.steps_per_epoch
-        lr = train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"])
-        train.set_lr(self.optimizer, lr)
-        for group in self.optimizer.param_groups:
-            if frozen and group.get("part") == "backbone":
-                group["lr"] = 0.0
+        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
         index = train.rank_batch(self.order, step, batch, self.local)
         x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
@@ -113,9 +108,7 @@ class FinetuneTask(train.Task):
             self.best_accuracy, self.best_epoch = m["accuracy"], epoch + 1
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.on_epoch(row)
-        log(f"{self.mode} epoch {epoch + 1}/{self.p['max_epochs']}: train loss {mean_loss:.4f}, "
-            f"val accuracy {m['accuracy']:.4f} (best {self.best_accuracy:.4f} at epoch {self.best_epoch}), "
-            f"{seconds:.1f} s")
+        return {"val accuracy": m["accuracy"], "best": f"{self.best_accuracy:.4f} at epoch {self.best_epoch}"}
 
     def test_predictions(self, test_x):
         """Predicted labels (N,) of the best-validation weights on the test images."""

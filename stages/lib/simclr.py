@@ -9,7 +9,6 @@ from torch import nn
 
 from stages.lib import distributed, train
 from stages.lib.augment import SimCLRAugment
-from stages.lib.cli import log
 from stages.lib.knn import knn_accuracy
 from stages.lib.losses import nt_xent
 from stages.lib.progress import format_seconds
@@ -80,9 +79,10 @@ class PretrainTask(train.Task):
         self.history.append(row)
         self.on_epoch(row)
         eta = (self.p["epochs"] - epoch - 1) * self.train_seconds / len(self.history)
-        log(f"pretrain epoch {epoch + 1}/{self.p['epochs']}: loss {mean_loss:.4f}, "
-            f"{images_per_second:,.0f} img/s ({2 * images_per_second:,.0f} views/s)" + (f", kNN accuracy {knn:.4f}" if knn is not None else "")
-            + f", ETA {format_seconds(eta)}")
+        fields = {"views/s": f"{2 * images_per_second:,.0f}"}
+        if knn is not None:
+            fields["kNN accuracy"] = knn
+        return {**fields, "ETA": format_seconds(eta)}
 
     def knn(self):
         train_x, train_y, val_x, val_y = self.monitor

@@ -103,13 +103,14 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buffer, alpha=-group["lr"])
 
 
-def param_groups(module, weight_decay, lr_scale=1.0):
+def param_groups(module, weight_decay, lr_scale=1.0, part="all"):
     """Optimizer groups of `module`'s trainable parameters: weight decay on weights (ndim > 1) only,
-    none on BatchNorm and bias parameters; each group's learning rate is lr_scale x the schedule's."""
+    none on BatchNorm and bias parameters; each group's learning rate is lr_scale x the schedule's
+    (`set_lr`), and `part` names the module the group belongs to."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
     plain = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "lars": True},
-            {"params": plain, "weight_decay": 0.0, "lr_scale": lr_scale, "lars": False}]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "lars": True, "part": part},
+            {"params": plain, "weight_decay": 0.0, "lr_scale": lr_scale, "lars": False, "part": part}]
 
 
 def make_optimizer(name, groups, lr, momentum):
@@ -254,7 +255,8 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, la
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
     The task provides: device, images_per_step; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
-    loss tensor (left on the device); end_epoch(epoch, mean_loss); state(epoch, step, loss_sum).
+    loss tensor (left on the device); end_epoch(epoch, mean_loss) -> {name: value} for the epoch's log
+    line (or None); state(epoch, step, loss_sum).
     The host reads the device only `checks_per_epoch` times an epoch (NaN check and progress), so the
     GPU is never kept waiting between steps. A checkpoint is written at the end of an epoch once
     `checkpoint_seconds` have passed since the last one (0: every epoch), so its cost stays small.
@@ -274,14 +276,16 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, la
                 if (step + 1) % check_every and step + 1 < steps_per_epoch and not (single and stop.requested):
                     continue
                 _check_finite(losses, start_step, step, epoch, checkpoint)
-                progress.update((step + 1) * task.images_per_step, loss=losses[start_step : step + 1].mean().item())
+                if step + 1 < steps_per_epoch:  # the epoch's last count comes with its log line, below
+                    progress.update((step + 1) * task.images_per_step, loss=losses[start_step : step + 1].mean().item())
                 if distributed.any_rank(stop.requested, task.device):
                     checkpoint.save(task.state(epoch, step + 1, _total(loss_sum, losses, start_step, step)))
                     raise StageError(f"{label} stopped by {stop.name or 'a signal to another process'} at epoch "
                                      f"{epoch + 1}, step {step + 1}; checkpoint saved to {checkpoint.path}; "
                                      "run again to resume")
-            total = _total(loss_sum, losses, start_step, steps_per_epoch - 1)
-            task.end_epoch(epoch, total.item() / steps_per_epoch)
+            mean_loss = _total(loss_sum, losses, start_step, steps_per_epoch - 1).item() / steps_per_epoch
+            fields = task.end_epoch(epoch, mean_loss) or {}
+            progress.update(steps_per_epoch * task.images_per_step, loss=mean_loss, **fields)  # one line an epoch
             epoch, start_step, loss_sum = epoch + 1, 0, None
             if epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
                 checkpoint.save(task.state(epoch, 0, None))
