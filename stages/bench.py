@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from stages.lib import budget, params, train
-from stages.lib.augment import affine_crop_flip, color_jitter, jitter_order
+from stages.lib.augment import Standardize, affine_crop_flip, color_jitter, jitter_order
 from stages.lib.cli import log, run_stage
 from stages.lib.io import write_json
-from stages.lib.losses import nt_xent
-from stages.lib.simclr import PretrainTask
+from stages.lib.models import ResNet, stem_for
+from stages.lib.pretraining import PretrainTask
+from stages.lib.simclr import SimCLR
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-10's splits, for the budget
 
@@ -74,7 +75,7 @@ def augmentation_ops(task, x, generator):
         "hue": lambda: kornia.enhance.adjust_hue(x, factor - 1.0),
         "grayscale": lambda: kornia.color.rgb_to_grayscale(x),
         "jitter, random order (16 ops)": lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
-        "whole pipeline": lambda: task.augment(task.images[:batch], generator),
+        "whole pipeline": lambda: task.method.augment(task.images[:batch], generator),
     }
 
 
@@ -107,16 +108,16 @@ def stage_start_seconds(device):
 
 def measure(task, cfg, device, repeats):
     """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint."""
-    batch, results = cfg["batch_size"], {}
+    batch, results = cfg.batch_size, {}
     x = task.images[:batch].float() / 255.0
     for name, fn in augmentation_ops(task, x, task.generator).items():
         results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
-    views = task.augment(task.images[:batch].repeat(2, 1, 1, 1), task.generator)  # (2B, 3, H, W)
+    views = task.method.views(task.images[:batch], task.generator)  # (2B, 3, H, W)
 
     def train_step():
         with train.autocast(device):
             z = task.compiled(views)
-        loss = nt_xent(z[:batch], z[batch:], cfg["temperature"])
+        loss = task.method.loss(z, batch)
         task.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         task.optimizer.step()
@@ -128,7 +129,8 @@ def measure(task, cfg, device, repeats):
     results["train step views/s"] = round(2 * batch / timed(train_step, repeats, device))
     results.update(full_epoch(task, device))
     results["inference img/s"] = round(len(task.images) / timed(
-        lambda: train.infer(task.model.backbone, task.images), max(1, repeats // 5), device, warmup=1))
+        lambda: train.infer(task.model.backbone, task.images, task.method.augment.standardize), max(1, repeats // 5),
+        device, warmup=1))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = train.Checkpoint(Path(tmp) / "ck.pt", {})
         results["checkpoint write s"] = round(timed(lambda: checkpoint.save(task.state(0, 0, None)), 2, device, 1), 3)
@@ -137,17 +139,17 @@ def measure(task, cfg, device, repeats):
 
 def run(args):
     p = params.load(args.params, "fraction", "data", "model", "pretrain", "finetune")
-    cfg, device = p["pretrain"], train.pick_device()
+    cfg, size, device = p.pretrain.model_copy(update={"epochs": 1}), p.data.image_size, train.pick_device()
     n = args.images or (50_000 if device.type == "cuda" else 2_048)
     train.setup(0, device)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.zeros(n, dtype=torch.int64, device=device)
-    monitor = (images[:2], labels[:2], images[:2], labels[:2])
-    task = PretrainTask(images, monitor, {**cfg, "epochs": 1}, p["model"]["arch"], p["model"]["width"], 0,
-                        device, on_epoch=lambda row: None)
-    results = {"device": train.device_name(device), "batch_size": cfg["batch_size"], "images": n}
-    log(f"bench: {results['device']}, {p['model']['arch']} width {p['model']['width']}, batch {cfg['batch_size']}, "
-        f"compile {cfg['compile']}")
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+    standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # speed does not depend on the statistics
+    backbone = ResNet(p.model.arch, p.model.width, stem_for(size, p.model.standard_stem_from))
+    task = PretrainTask(SimCLR(cfg, standardize), images, backbone, lambda model: None, cfg, 0, device,
+                        on_epoch=lambda row: None)
+    results = {"device": train.device_name(device), "batch_size": cfg.batch_size, "images": n}
+    log(f"bench: {results['device']}, {p.model.arch} width {p.model.width}, {size} px, batch {cfg.batch_size}, "
+        f"compile {cfg.compile}")
     results.update(measure(task, cfg, device, args.repeats))
     results["augmentation share of step"] = round(
         results["epoch views/s"] / results["augment whole pipeline views/s"], 3)
@@ -171,11 +173,11 @@ def rates_from(results, evaluate_seconds):
 
 def study_from(p):
     """The study params.yaml describes (CIFAR-10's 50,000 training images unless data.limit)."""
-    train_images = min(TRAIN_IMAGES, p["data"]["limit"] or TRAIN_IMAGES)
+    train_images = min(TRAIN_IMAGES, p.data.limit or TRAIN_IMAGES)
     return budget.Study(source_images=TRAIN_IMAGES + TEST_IMAGES, train_images=train_images,
-                        test_images=TEST_IMAGES, val_images=p["data"]["val_size"],
-                        fractions=tuple(p["fraction"]), seeds=len(p["finetune"]["seeds"]),
-                        modes=len(p["finetune"]["modes"]), pretrain=p["pretrain"], finetune=p["finetune"])
+                        test_images=TEST_IMAGES, val_images=p.data.val_size,
+                        fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
+                        modes=len(p.finetune.modes), pretrain=p.pretrain, finetune=p.finetune)
 
 
 def full_epoch(task, device):

@@ -12,8 +12,8 @@ files that DVC plots (val_accuracy, test_accuracy, ssl_gain) to --plots-dir.
 import os
 from pathlib import Path
 
-from stages.lib import cifar, dvc_views, params, plots, report, study, tracking
-from stages.lib.cli import UserError, log, run_stage
+from stages.lib import dvc_views, params, plots, prepared, report, study, tracking
+from stages.lib.cli import log, run_stage
 from stages.lib.io import atomic_path, read_json, remove, removed_on_failure, write_csv, write_json, write_text
 
 FIGURES = (
@@ -42,30 +42,28 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "evaluate")
-    meta = read_json(Path(args.data) / "meta.json", "data meta")
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise UserError(f"{Path(args.data) / 'meta.json'} has no list of classes; rerun: dvc repro -f data")
-    cells = study.load_cells(args.finetune, args.curves, len(classes), p["evaluate"]["convergence_tolerance"])
-    x, y = cifar.load_prepared(args.data, "train")
+    facts = prepared.read_facts(args.data)
+    classes, tolerance = facts.classes, p.evaluate.convergence_tolerance
+    cells = study.load_cells(args.finetune, args.curves, len(classes), tolerance)
+    x, y = prepared.load_prepared(args.data, "train")
     pretrain = read_json(args.pretrain, "pretrain metrics") if Path(args.pretrain).is_file() else None
     metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
     samples, data = Path(args.samples), tracking.dataset(args.data, "evaluation")
     with removed_on_failure(*outputs(metrics_dir, plots_dir), samples), \
-            tracking.stage_run("evaluate", p, data=data) as mlflow_run:
+            tracking.stage_run("evaluate", p.as_dict(), data=data) as mlflow_run:
         summary, per_class = study.summarise(cells, classes)
-        comparison = study.compare(cells, p)
+        comparison = study.compare(cells, p.evaluate, p.seed)
         write_json(metrics_dir / "summary.json", summary)
         write_json(metrics_dir / "comparison.json", comparison)
         write_json(metrics_dir / "per_class.json", per_class)
-        draw(cells, summary, comparison, per_class, classes, p["evaluate"]["convergence_tolerance"], plots_dir)
+        draw(cells, summary, comparison, per_class, classes, tolerance, plots_dir)
         headline = dvc_views.headline(summary, comparison, cells, pretrain)
         write_dvc_views(headline, cells, comparison, metrics_dir / HEADLINE, plots_dir)
-        plots.sample_grid(x, y, classes, samples, seed=p["seed"])
+        plots.sample_grid(x, y, classes, samples, seed=p.seed)
         devices = {m: sorted({c["device"] for c in cells if c["mode"] == m}) for m in summary}
         figures = [(title, os.path.relpath(plots_dir / name, metrics_dir)) for title, name in FIGURES]
         figures.append(("Sample training images", os.path.relpath(samples, metrics_dir)))
-        text = report.build(summary, comparison, meta, devices, p["evaluate"], pretrain, figures)
+        text = report.build(summary, comparison, facts, devices, p.evaluate, pretrain, figures)
         write_text(metrics_dir / "report.md", text)
         mlflow_run.log_metrics(tracking.flatten({name.removesuffix(".json"): v for name, v in headline.items()}))
         for name in METRIC_FILES:

@@ -11,19 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import cifar, distributed, params, train, tracking
+from stages.lib import distributed, params, prepared, train, tracking
+from stages.lib.augment import Standardize
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.io import atomic_path, read_json, write_csv, write_json
 from stages.lib.metrics import classification_metrics
-from stages.lib.models import load_into, read_weights
+from stages.lib.models import ResNet, load_into, read_weights, stem_for
 from stages.lib.splits import fraction_key, load_split
 
-ORIGIN = {"baseline": "random", "ssl": "simclr", "linear": "simclr"}
-
-
 def add_arguments(parser):
-    parser.add_argument("--mode", required=True, choices=sorted(ORIGIN), help="fine-tuning mode")
+    parser.add_argument("--mode", required=True, choices=params.MODES, help="fine-tuning mode")
     parser.add_argument("--init", required=True, help="starting backbone weights (data/init/<mode>.pt)")
     parser.add_argument("--data", required=True, help="prepared data directory")
     parser.add_argument("--splits", required=True, help="split directory (val.npy, train_<N>.npy)")
@@ -34,21 +32,17 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "fraction", "model", "finetune")
-    cfg = p["finetune"]
-    if cfg["head_epochs"] >= cfg["max_epochs"]:
-        raise UserError(f"{args.params}: finetune.head_epochs = {cfg['head_epochs']}: must be below "
-                        f"finetune.max_epochs = {cfg['max_epochs']} (the backbone would never train)")
-    saved = read_weights(args.init, p["model"]["arch"], p["model"]["width"])
-    if saved.get("origin") != ORIGIN[args.mode]:
-        raise UserError(f"{args.init} holds {saved.get('origin')} weights; mode {args.mode} needs "
-                        f"{ORIGIN[args.mode]} weights (run: dvc repro)")
+    facts = prepared.read_facts(args.data)
+    stem = stem_for(facts.image_size, p.model.standard_stem_from)
+    saved = read_weights(args.init, p.model.arch, p.model.width, stem)
+    check_origin(args.init, saved.get("origin"), args.mode)
     device = train.pick_device()
-    train.setup(p["seed"], device)
-    context = load_context(args, device)
-    context.update(saved=saved, init_digest=cifar.sha256(args.init),
-                   classifier=build_classifier(p["model"]["arch"], p["model"]["width"], len(cifar.CLASSES),
-                                               args.mode, cfg, device))
-    work, cells = Path(args.work), [(f, s) for f in p["fraction"] for s in cfg["seeds"]]
+    train.setup(p.seed, device)
+    context = load_context(args, facts, device)
+    backbone = ResNet(p.model.arch, p.model.width, stem)
+    context.update(saved=saved, init_digest=prepared.sha256(args.init),
+                   classifier=build_classifier(backbone, len(facts.classes), args.mode, p.finetune, device))
+    work, cells = Path(args.work), [(f, s) for f in p.fraction for s in p.finetune.seeds]
     for fraction, seed in cells:
         run_cell(args, p, context, fraction, seed, work / cell_key(fraction, seed))
     distributed.barrier()
@@ -58,16 +52,24 @@ def run(args):
     distributed.cleanup()
 
 
-def load_context(args, device):
+def check_origin(path, origin, mode):
+    """The baseline starts from random weights; the other modes from self-supervised ones."""
+    if (origin == "random") != (mode == "baseline"):
+        needs = "random" if mode == "baseline" else "self-supervised (pretrain stage)"
+        raise UserError(f"{path} holds {origin} weights; mode {mode} needs {needs} weights (run: dvc repro)")
+
+
+def load_context(args, facts, device):
     """Everything the cells share, on the device: images, labels, validation and test sets."""
-    x, y = cifar.load_prepared(args.data, "train")
-    test_x, test_y = cifar.load_prepared(args.data, "test")
+    x, y = prepared.load_prepared(args.data, "train")
+    test_x, test_y = prepared.load_prepared(args.data, "test")
     val = load_split(args.splits, "val")
     images, labels = train.images_to_device(x, device), torch.from_numpy(y).to(device)
     val_t = torch.from_numpy(val).to(device)
     return {"images": images, "labels": labels, "val_x": images[val_t], "val_y": labels[val_t],
             "val_digest": train.fingerprint(val.tolist()), "pool": len(y) - len(val), "device": device,
-            "test_x": train.images_to_device(test_x, device), "test_y": test_y}
+            "test_x": train.images_to_device(test_x, device), "test_y": test_y, "classes": len(facts.classes),
+            "standardize": Standardize(facts.mean, facts.std)}
 
 
 def cell_key(fraction, seed):
@@ -76,9 +78,9 @@ def cell_key(fraction, seed):
 
 
 def run_cell(args, p, context, fraction, seed, cell_dir):
-    key, cfg, device = cell_key(fraction, seed), p["finetune"], context["device"]
+    key, cfg, device = cell_key(fraction, seed), p.finetune, context["device"]
     labeled = load_split(args.splits, f"train_{fraction_key(fraction)}")
-    config = {"finetune": {k: v for k, v in cfg.items() if k not in ("modes", "seeds")}, "model": p["model"],
+    config = {"finetune": cfg.model_dump(exclude={"modes", "seeds"}), "model": p.model.model_dump(),
               "mode": args.mode, "fraction": fraction, "seed": seed, "init": context["init_digest"],
               "labeled": train.fingerprint(labeled.tolist()), "val": context["val_digest"],
               "processes": distributed.world()}
@@ -86,22 +88,22 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     if done.exists() and read_json(done).get("config") == train.fingerprint(config):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")
         return
-    steps = max(1, (context["pool"] if cfg["equal_steps"] else len(labeled)) // cfg["batch_size"])
+    steps = max(1, (context["pool"] if cfg.equal_steps else len(labeled)) // cfg.batch_size)
     # Every cell of a seed starts from the same weights: the seed's own for the baseline.
     start = functools.partial(load_into, saved=context["saved"], seed=seed, path=args.init)
     data = {**context, "labeled": torch.from_numpy(labeled).to(device)}
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
-    run_params = {**p, "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
+    run_params = {**p.as_dict(), "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
     mlflow_run = tracking.stage_run(
         f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags,
         data=tracking.dataset(args.data, "training", subset=(fraction_key(fraction), config["labeled"])))
     with distributed.main_only(mlflow_run) as mlrun:
-        task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, seed, steps, device,
+        task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, context["standardize"], seed, steps, device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
-        train.run_epochs(task, cfg["max_epochs"], steps, checkpoint, cfg["checkpoint_seconds"], f"{args.mode} {key}")
+        train.run_epochs(task, cfg.max_epochs, steps, checkpoint, cfg.checkpoint_seconds, f"{args.mode} {key}")
         y_pred = task.test_predictions(context["test_x"])
-        test = classification_metrics(context["test_y"], y_pred, len(cifar.CLASSES))
+        test = classification_metrics(context["test_y"], y_pred, context["classes"])
         mlrun.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float)})
         result = {"mode": args.mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
                   "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),
@@ -117,9 +119,9 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
 
 def settings(cfg):
     """The fine-tuning choices a cell ran with, as its result reports them."""
-    return {"lr": cfg["lr"], "backbone_lr": cfg["lr"] * cfg["backbone_lr_scale"], "head_epochs": cfg["head_epochs"],
-            "epochs": cfg["max_epochs"], "weight_decay": cfg["weight_decay"], "batch_size": cfg["batch_size"],
-            "equal_steps": cfg["equal_steps"]}
+    return {"lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr_scale, "head_epochs": cfg.head_epochs,
+            "epochs": cfg.max_epochs, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+            "equal_steps": cfg.equal_steps}
 
 
 def save_cell(cell_dir, result, y_true, y_pred, history):

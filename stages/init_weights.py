@@ -3,27 +3,30 @@ backbone per fine-tuning seed (so seeds vary the baseline's init too), saved lik
 weights so both fine-tuning modes start from a file."""
 import torch
 
-from stages.lib import params, tracking
+from stages.lib import params, prepared, tracking
 from stages.lib.cli import log, run_stage
 from stages.lib.io import removed_on_failure
-from stages.lib.models import ResNet, save_backbones
+from stages.lib.models import ResNet, save_backbones, stem_for
 
 
 def add_arguments(parser):
+    parser.add_argument("--data", required=True, help="prepared data directory (its meta.json: the image size)")
     parser.add_argument("--out", required=True, help="weights file to write (one backbone per seed)")
 
 
 def run(args):
     p = params.load(args.params, "model", "finetune")
-    arch, width, seeds = p["model"]["arch"], p["model"]["width"], p["finetune"]["seeds"]
-    backbones, read = {}, {"model": p["model"], "finetune": {"seeds": seeds}}  # the params dvc.yaml names
+    model, seeds = p.model, p.finetune.seeds
+    stem = stem_for(prepared.read_facts(args.data).image_size, model.standard_stem_from)
+    backbones, read = {}, {"model": model.model_dump(), "finetune": {"seeds": seeds}}  # the params dvc.yaml names
     with removed_on_failure(args.out), tracking.stage_run("init", read) as run:
         for seed in seeds:
             torch.manual_seed(seed)
-            backbones[seed] = ResNet(arch, width)
-        save_backbones(args.out, backbones, origin="random", params={"model": p["model"], "seeds": seeds})
+            backbones[seed] = ResNet(model.arch, model.width, stem)
+        save_backbones(args.out, backbones, origin="random", params={"model": model.model_dump(), "seeds": seeds})
         run.log_metrics({"backbone_parameters": sum(t.numel() for t in backbones[seeds[0]].parameters())})
-    log(f"init: random {arch} width {width} weights for seeds {', '.join(map(str, seeds))} -> {args.out}")
+    log(f"init: random {model.arch} width {model.width} ({stem} stem) weights for seeds "
+        f"{', '.join(map(str, seeds))} -> {args.out}")
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """DVC stage `split`: the validation indices and, for every fraction, the nested labeled
 training indices (stratified, seeded, disjoint from validation)."""
-from stages.lib import cifar, params, splits, tracking
+from stages.lib import params, prepared, splits, tracking
 from stages.lib.cli import log, run_stage
 from stages.lib.io import atomic_path, removed_on_failure
 
@@ -12,10 +12,10 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "fraction", "data")
-    _, y = cifar.load_prepared(args.data, "train")
-    val, labeled = splits.make_splits(y, p["data"]["val_size"], p["fraction"], p["seed"])
+    _, y = prepared.load_prepared(args.data, "train")
+    val, labeled = splits.make_splits(y, p.data.val_size, p.fraction, p.seed)
     data = tracking.dataset(args.data, "split")
-    with removed_on_failure(args.out), tracking.stage_run("split", p, data=data) as run:
+    with removed_on_failure(args.out), tracking.stage_run("split", p.as_dict(), data=data) as run:
         with atomic_path(args.out) as tmp:
             splits.save_splits(tmp, val, labeled)
         run.log_metrics({"val_images": len(val), **{f"labeled_{splits.fraction_key(f)}": len(i) for f, i in labeled.items()}})

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import types
 import zipfile
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib.cifar import CLASSES
-
+# CIFAR-10's classes in its label order (alphabetical, as a folder copy sorts them)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -39,6 +40,15 @@ def synthetic_images(n_per_class, seed=0):
             images.append(np.clip(base + noise, 0, 255).astype(np.uint8))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def save_data(root, train, test, source="synthetic", sha256=None):
+    """Prepared data as the data stage writes it (arrays and their facts) from (x, y) pairs; returns root."""
+    from stages.lib import prepared
+
+    arrays = {"train": train, "test": test}
+    prepared.save_prepared(root, arrays, prepared.data_facts(arrays, CLASSES, source=source, sha256=sha256))
+    return Path(root)
 
 
 def png_bytes(array):
@@ -79,6 +89,17 @@ def synthetic_archive(tmp_path):
     """A .tar.gz of a small synthetic CIFAR-10 tree (10 classes x 30 train, x 10 test)."""
     write_tree(tmp_path / "tree", n_train=30, n_test=10)
     return make_archive(tmp_path / "tree", tmp_path / "cifar.tar.gz")
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """Stand-in torchvision.datasets whose classes the test sets (no torch import, no network)."""
+    datasets = types.ModuleType("torchvision.datasets")
+    package = types.ModuleType("torchvision")
+    package.datasets = datasets
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    return datasets
 
 
 def run_module(module, *args, cwd=REPO, env=None, timeout=600):

@@ -8,9 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.lib import cifar, params, splits
+from stages.lib import params, prepared, splits
 from stages.lib.models import ResNet, save_backbone
-from tests.conftest import png_bytes, synthetic_images, write_params, write_tree
+from tests.conftest import CLASSES, png_bytes, synthetic_images, write_params, write_tree
 
 # A study small enough for seconds on a CPU (see tests/test_pipeline.py).
 TINY = {
@@ -56,13 +56,15 @@ def prepare_project(root):
     root.mkdir(parents=True, exist_ok=True)
     params_path = write_params(root / "params.yaml", **TINY)
     train, test = synthetic_images(16, seed=1), synthetic_images(4, seed=2)
-    cifar.save_prepared(root / "data", {"train": train, "test": test}, {"classes": list(cifar.CLASSES)})
+    arrays = {"train": train, "test": test}
+    prepared.save_prepared(root / "data", arrays, prepared.data_facts(arrays, CLASSES, source="synthetic"))
     val, labeled = splits.make_splits(train[1], TINY["data.val_size"], TINY["fraction"], 0)
     splits.save_splits(root / "splits", val, labeled)
     p = params.load(params_path, "seed", "model")
     for name, origin, width in (("baseline", "random", 4), ("ssl", "simclr", 4), ("wide", "simclr", 8)):
         torch.manual_seed(0)
-        save_backbone(root / "init" / f"{name}.pt", ResNet("resnet18", width), origin=origin, params=p)
+        save_backbone(root / "init" / f"{name}.pt", ResNet("resnet18", width, "cifar"), origin=origin,
+                      params=p.as_dict())
     return root
 
 
@@ -131,9 +133,9 @@ def jpeg_bytes(size=32):
     return buffer.getvalue()
 
 
-def empty_class(tmp_path):
+def empty_class(tmp_path, split="test"):
     root = tree(tmp_path) / "cifar10"
-    for image in (root / "test" / "frog").iterdir():
+    for image in (root / split / "frog").iterdir():
         image.unlink()
     return root
 

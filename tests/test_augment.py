@@ -1,12 +1,17 @@
-"""SimCLR augmentation drawn as torchvision draws it: crop boxes and colour-jitter order."""
+"""SimCLR augmentation drawn as torchvision draws it: crop boxes, colour-jitter order, Gaussian blur."""
+import kornia
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from stages.lib import augment
-from stages.lib.augment import JITTER_OPS, color_jitter, jitter_order, resized_crop_boxes
+from stages.lib.augment import (
+    JITTER_OPS, blur_draws, blur_kernel_size, color_jitter, gaussian_blur, jitter_order, random_blur,
+    resized_crop_boxes,
+)
 
 DRAWS = 100_000
 
@@ -73,3 +78,119 @@ def test_color_jitter_applies_each_samples_own_order():
     torch.testing.assert_close(out[7], x[7])  # jitter off: unchanged
     # The order matters: brightness then contrast is not contrast then brightness.
     assert len({tuple(row) for row in order[:7].tolist()}) > 1
+
+
+@pytest.mark.parametrize("size, kernel", [(32, 3), (48, 5), (64, 7), (96, 9), (224, 23)])
+def test_blur_kernel_is_about_a_tenth_of_the_image(size, kernel):
+    assert blur_kernel_size(size) == kernel
+
+
+def test_blur_kernel_is_odd_at_least_3_and_within_a_pixel_of_a_tenth():
+    for size in range(1, 1025):
+        kernel = blur_kernel_size(size)
+        assert kernel % 2 == 1 and kernel >= 3, size
+        assert size < 30 or abs(kernel - 0.1 * size) <= 1, size
+
+
+@pytest.mark.parametrize("height, width, kernel", [(32, 32, 3), (96, 96, 9), (48, 64, 5)])
+def test_gaussian_blur_matches_torchvision_per_sample(height, width, kernel):
+    """Every pixel, borders included: both mirror the image about its edge pixels ("reflect")."""
+    x = torch.rand(5, 3, height, width, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    out = gaussian_blur(x, sigma, kernel)
+    for b in range(5):
+        expected = TF.gaussian_blur(x[b], [kernel, kernel], [sigma[b].item()] * 2)
+        torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-5)
+    # one sample's sigma changes only that sample's result
+    other = gaussian_blur(x, torch.tensor([0.1, 0.5, 1.0, 1.7, 0.3]), kernel)
+    assert torch.equal(other[:4], out[:4]) and not torch.allclose(other[4], out[4])
+
+
+def test_gaussian_blur_matches_kornias_blur_with_per_sample_sigma():
+    x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.3, 1.1, 2.0])
+    expected = kornia.filters.gaussian_blur2d(x, 5, torch.stack([sigma, sigma], 1), border_type="reflect")
+    torch.testing.assert_close(gaussian_blur(x, sigma, 5), expected, rtol=0, atol=1e-6)
+
+
+def test_gaussian_blur_keeps_shape_dtype_and_range_and_smooths():
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.rand(4, 3, 64, 64, generator=generator) > 0.5).float()  # only 0 and 1: extremes everywhere
+    x[3] = 1.0
+    out = gaussian_blur(x, torch.full((4,), 2.0), blur_kernel_size(64))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert (out[:3].var() < 0.5 * x[:3].var()).item()  # a 7x7 kernel at sigma 2 averages the noise away
+    torch.testing.assert_close(out[3], x[3], rtol=0, atol=1e-6)  # a flat image stays flat
+
+
+def test_blur_draws_follow_p_and_the_sigma_range():
+    on, sigma = blur_draws(torch.Generator().manual_seed(0), DRAWS, 0.5, 0.1, 2.0, torch.device("cpu"))
+    assert on.dtype == torch.bool and sigma.dtype == torch.float32
+    assert abs(on.float().mean().item() - 0.5) < 0.01
+    assert sigma.min() >= 0.1 and sigma.max() < 2.0
+    assert stats.kstest(sigma.double().numpy(), stats.uniform(0.1, 1.9).cdf).pvalue > 0.001
+
+
+def test_random_blur_blurs_the_drawn_samples_and_leaves_the_others_exactly():
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    out = random_blur(x, torch.Generator().manual_seed(7), 0.5, 0.1, 2.0, 3)
+    on, sigma = blur_draws(torch.Generator().manual_seed(7), 64, 0.5, 0.1, 2.0, torch.device("cpu"))
+    assert 0 < on.sum() < 64
+    assert torch.equal(out[~on], x[~on])
+    assert torch.equal(out[on], gaussian_blur(x, sigma, 3)[on])
+    assert not torch.equal(out[on], x[on])
+
+
+def test_random_blur_off_draws_nothing_and_on_blurs_all():
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(8)
+    state = generator.get_state()
+    assert random_blur(x, generator, 0.0, 0.1, 2.0, 3) is x
+    assert torch.equal(generator.get_state(), state)  # later draws are those of a pipeline without blur
+    out = random_blur(x, generator, 1.0, 1.0, 2.0, 3)  # (below sigma 0.17, a 3-tap kernel is the identity in float32)
+    assert all(not torch.equal(out[b], x[b]) for b in range(16))
+
+
+def test_random_blur_reads_nothing_back_to_the_host(monkeypatch):
+    """No tensor is turned into a Python value (a host sync on the GPU). kornia's gaussian_blur2d would:
+    it checks a tensor sigma with bool(), which this test catches."""
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(9)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with pytest.raises(AssertionError, match="read on the host"):
+        kornia.filters.gaussian_blur2d(x, 3, torch.ones(8, 2))
+    random_blur(x, generator, 0.5, 0.1, 2.0, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_random_blur_on_gpu_does_not_sync():
+    x = torch.rand(256, 3, 96, 96, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = random_blur(x, generator, 0.5, 0.1, 2.0, blur_kernel_size(96))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_simclr_views_blur_only_from_blur_from_pixels():
+    """SimCLR blurs ImageNet-size views (p = blur_p), never CIFAR's: below blur_from nothing is drawn."""
+    from stages.lib import params
+    from stages.lib.augment import SimCLRAugment, Standardize
+
+    cfg = params.load("params.yaml", "pretrain").pretrain.augment
+    standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    for size, blurred in ((cfg.blur_from - 1, False), (cfg.blur_from, True)):
+        images = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
+        sharp = cfg.model_copy(update={"blur_p": 0.0})
+        with_blur = SimCLRAugment(cfg.model_copy(update={"blur_p": 1.0}), standardize)(
+            images, torch.Generator().manual_seed(0))
+        without = SimCLRAugment(sharp, standardize)(images, torch.Generator().manual_seed(0))
+        assert torch.equal(with_blur, without) is not blurred

@@ -1,12 +1,14 @@
 """The time budget's arithmetic on figures whose answer is worked by hand."""
+from types import SimpleNamespace
+
 import pytest
 
 from stages.lib import budget
 
 RATES = budget.Rates(train_views_per_s=1000, augment_views_per_s=4000, infer_images_per_s=2000,
                      decode_images_per_s=100, stage_start_s=5, compile_s=30, checkpoint_s=1, evaluate_s=7)
-PRETRAIN = {"epochs": 4, "batch_size": 100, "knn_every": 2, "checkpoint_seconds": 2.0, "compile": False}
-FINETUNE = {"max_epochs": 3, "batch_size": 100, "equal_steps": True, "compile": True}
+PRETRAIN = SimpleNamespace(epochs=4, batch_size=100, knn_every=2, checkpoint_seconds=2.0, compile=False)
+FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, compile=True)
 
 
 def test_budget_rows_are_worked_by_hand():
@@ -31,7 +33,7 @@ def test_budget_rows_are_worked_by_hand():
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
-    study = budget.Study(1200, 1000, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, {**FINETUNE, "equal_steps": False})
+    study = budget.Study(1200, 1000, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False}))
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100

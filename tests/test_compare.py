@@ -6,10 +6,11 @@ import pytest
 from scipy import stats
 
 from stages.lib import metrics, study
+from stages.lib.params import EvaluateParams
 from stages.lib.splits import fraction_key
 
-SETTINGS = {"convergence_tolerance": 1.0, "bootstrap_samples": 300, "confidence": 0.95}
-PARAMS = {"seed": 0, "evaluate": SETTINGS}
+SETTINGS = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=300, confidence=0.95)
+
 
 
 def make_cell(mode, fraction, seed, correct, val_accuracy=(0.5, 0.6)):
@@ -20,7 +21,7 @@ def make_cell(mode, fraction, seed, correct, val_accuracy=(0.5, 0.6)):
     return {"mode": mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
             "y_true": y_true, "y_pred": y_pred, "metrics": metrics.classification_metrics(y_true, y_pred, 2),
             "curve": {"val_accuracy": np.asarray(val_accuracy, float)},
-            "convergence_epoch": metrics.convergence_epoch(val_accuracy, SETTINGS["convergence_tolerance"])}
+            "convergence_epoch": metrics.convergence_epoch(val_accuracy, SETTINGS.convergence_tolerance)}
 
 
 def discordant(only_ssl, only_baseline, both=5, neither=5):
@@ -38,7 +39,7 @@ def test_one_seed_uses_mcnemar_and_holm_across_n():
     for fraction, (only_ssl, only_base) in counts.items():
         ssl, base = discordant(only_ssl, only_base)
         cells += [make_cell("ssl", fraction, 0, ssl), make_cell("baseline", fraction, 0, base)]
-    comparison = study.compare(cells, PARAMS)
+    comparison = study.compare(cells, SETTINGS, 0)
     raw = [stats.binomtest(9, 10).pvalue, stats.binomtest(8, 9).pvalue, stats.binomtest(8, 9).pvalue]
     assert raw[0] == pytest.approx(0.02148, abs=1e-5) and raw[1] == pytest.approx(0.03906, abs=1e-5)
     for key, p, adjusted in zip(("n100", "n50", "n10"), raw, (3 * raw[0], 2 * raw[1], 2 * raw[1])):
@@ -51,7 +52,7 @@ def test_one_seed_uses_mcnemar_and_holm_across_n():
         assert entry["significant"] is False and entry["seeds"] == 1
         assert entry["test_images"] == sum(counts[entry["fraction"]]) + 10
     # Alone, the first fraction is significant: Holm over one p-value leaves it as it is.
-    alone = study.compare([c for c in cells if c["fraction"] == 1.0], PARAMS)["n100"]
+    alone = study.compare([c for c in cells if c["fraction"] == 1.0], SETTINGS, 0)["n100"]
     assert alone["p_images_holm"] == alone["p_images"] and alone["significant"] is True
 
 
@@ -67,7 +68,7 @@ def seeded_cells(fraction, accuracies_ssl, accuracies_base, n=100):
 def test_three_seeds_make_the_paired_t_test_across_seeds_primary():
     # Per-seed differences 5, 4, 7 points: paired t-test p = 1 - 16 / sqrt(270) (see test_metrics).
     cells = seeded_cells(0.5, (0.55, 0.56, 0.58), (0.50, 0.52, 0.51))
-    entry = study.compare(cells, PARAMS)["n50"]
+    entry = study.compare(cells, SETTINGS, 0)["n50"]
     expected = 1 - 16 / math.sqrt(270)
     assert entry["seeds"] == 3 and entry["primary_test"] == "seeds" and entry["seeds_test"] == metrics.SEEDS_TEST
     assert entry["p_seeds"] == pytest.approx(expected, rel=1e-3) == entry["p_seeds_holm"] == entry["p_primary_holm"]
@@ -85,7 +86,7 @@ def test_three_seeds_make_the_paired_t_test_across_seeds_primary():
 
 def test_seed_count_decides_the_primary_test_per_n_and_holm_per_family():
     cells = seeded_cells(1.0, (0.55, 0.56, 0.58), (0.50, 0.52, 0.51)) + seeded_cells(0.1, (0.6, 0.7), (0.5, 0.5))
-    comparison = study.compare(cells, PARAMS)
+    comparison = study.compare(cells, SETTINGS, 0)
     many, two = comparison["n100"], comparison["n10"]
     assert many["primary_test"] == "seeds" and two["primary_test"] == "images" and two["p_seeds"] is None
     assert many["p_seeds_holm"] == many["p_seeds"]  # the only member of its family
@@ -99,7 +100,7 @@ def test_mismatched_test_labels_across_seeds_are_refused():
     cells[2]["y_true"] = cells[2]["y_true"] + 1
     cells[3]["y_true"] = cells[3]["y_true"] + 1
     with pytest.raises(study.UserError, match="seed 1: test labels differ"):
-        study.compare(cells, PARAMS)
+        study.compare(cells, SETTINGS, 0)
 
 
 def test_convergence_compares_the_modes_on_a_common_threshold():
@@ -113,6 +114,6 @@ def test_convergence_compares_the_modes_on_a_common_threshold():
         correct = np.arange(10) < 5
         cells.append(make_cell("baseline", 0.5, seed, correct, base + 0.1 * seed))
         cells.append(make_cell("ssl", 0.5, seed, correct, ssl + 0.1 * seed))
-    convergence = study.compare(cells, PARAMS)["n50"]["convergence"]
+    convergence = study.compare(cells, SETTINGS, 0)["n50"]["convergence"]
     assert convergence == {"tolerance_points": 1.0, "threshold": pytest.approx(0.64), "baseline_epochs": 2,
                            "ssl_epochs": 4, "baseline_epochs_own_best": 2, "ssl_epochs_own_best": 6}

@@ -2,7 +2,6 @@
 so that a change to any of them reruns the stage."""
 import ast
 import re
-from pathlib import Path
 
 import pytest
 import yaml

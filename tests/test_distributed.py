@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stages.lib import cifar, distributed, splits
+from stages.lib import distributed, splits
 from stages.lib.losses import nt_xent
-from tests.conftest import REPO, synthetic_images, write_params
+from tests.conftest import REPO, save_data, synthetic_images, write_params
 
 BATCH, DIM = 8, 16
 
@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
 def tiny_pretraining(tmp_path, epochs):
     """Prepared synthetic data, splits and params for a short pretraining; returns the params path."""
     x, y = synthetic_images(16)
-    cifar.save_prepared(tmp_path / "prepared", {"train": (x, y)}, {})
+    save_data(tmp_path / "prepared", (x, y), synthetic_images(1, seed=9))
     val, labeled = splits.make_splits(y, 40, [1.0], seed=0)
     splits.save_splits(tmp_path / "splits", val, labeled)
     return write_params(tmp_path / "params.yaml", **{
@@ -92,7 +92,8 @@ def torchrun_pretrain(tmp_path, out, **popen):
                "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
                "--data", str(tmp_path / "prepared"), "--val", str(tmp_path / "splits/val.npy"),
                "--out", str(out / "ssl.pt"), "--metrics", str(out / "pretrain.json"),
-               "--curve", str(out / "pretrain.csv"), "--checkpoint", str(tmp_path / "checkpoint.pt")]
+               "--curve", str(out / "pretrain.csv"), "--knn-curve", str(out / "pretrain_knn.csv"),
+               "--checkpoint", str(tmp_path / "checkpoint.pt")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -103,14 +104,14 @@ def test_two_process_pretraining_writes_one_set_of_outputs(tmp_path):
     process = torchrun_pretrain(tmp_path, out)
     stderr = process.communicate(timeout=600)[1]
     assert process.returncode == 0, stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["pretrain.csv", "pretrain.json", "ssl.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["pretrain.csv", "pretrain.json", "pretrain_knn.csv", "ssl.pt"]
     metrics = json.loads((out / "pretrain.json").read_text())
     assert metrics["processes"] == 2 and metrics["epochs"] == 2
     assert stderr.count("pretrain: done") == 1  # only rank 0 reports and writes
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("simclr-cifar10").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("ssl-label-budget").experiment_id])
     assert [run.data.tags["processes"] for run in runs] == ["2"]
     assert np.isfinite(metrics["loss"])
 
@@ -145,7 +146,7 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
 def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
     x, y = synthetic_images(16)
     test_x, test_y = synthetic_images(4, seed=9)
-    cifar.save_prepared(tmp_path / "prepared", {"train": (x, y), "test": (test_x, test_y)}, {})
+    save_data(tmp_path / "prepared", (x, y), (test_x, test_y))
     val, labeled = splits.make_splits(y, 40, [1.0, 0.5], seed=0)
     splits.save_splits(tmp_path / "splits", val, labeled)
     params = write_params(tmp_path / "params.yaml", **{
@@ -154,7 +155,7 @@ def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
     torch.manual_seed(0)
     from stages.lib.models import ResNet, save_backbone
 
-    save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4), origin="random", params={})
+    save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4, "cifar"), origin="random", params={})
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", "stages.finetune", "--params", str(params), "--mode", "baseline",
                "--init", str(tmp_path / "baseline.pt"), "--data", str(tmp_path / "prepared"),
@@ -170,5 +171,5 @@ def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("simclr-cifar10").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("ssl-label-budget").experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["baseline-n100_s0", "baseline-n50_s0"]

@@ -40,7 +40,7 @@ def pretrain_args(root, case, **params_edits):
     out = root / case
     return ["--params", path, "--data", root / "data", "--val", root / "splits/val.npy",
             "--out", out / "ssl.pt", out / "linear.pt", "--metrics", out / "pretrain.json",
-            "--curve", out / "pretrain.csv", "--checkpoint", out / "checkpoint.pt"]
+            "--curve", out / "pretrain.csv", "--knn-curve", out / "pretrain_knn.csv", "--checkpoint", out / "checkpoint.pt"]
 
 
 def finetune_args(root, case, init, mode="ssl", **params_edits):
@@ -79,10 +79,10 @@ CLI_CASES = [
      2, ["fraction = [0.5, 0]", "(0, 1]"], ["out"]),
     ("split-missing-data", "stages.split",
      lambda r, c: ["--params", r / "params.yaml", "--data", r / "nodata", "--out", r / c / "out"],
-     2, ["nodata/train.npz", "not found"], ["out"]),
+     2, ["nodata/meta.json", "not found", "rerun: dvc repro -f data"], ["out"]),
     ("init-unknown-arch", "stages.init_weights",
      lambda r, c: ["--params", write_params(mkdir(r / c) / "params.yaml", **{**TINY, "model.arch": "resnet50"}),
-                   "--out", r / c / "baseline.pt"],
+                   "--data", r / "data", "--out", r / c / "baseline.pt"],
      2, ["model.arch = 'resnet50'", "resnet18, resnet34"], ["baseline.pt"]),
     ("pretrain-batch-above-data", "stages.pretrain", lambda r, c: pretrain_args(r, c, **{"pretrain.batch_size": 1000}),
      2, ["pretrain.batch_size = 1000", "160 training images"], ["ssl.pt", "pretrain.json", "checkpoint.pt"]),
@@ -95,7 +95,7 @@ CLI_CASES = [
     ("finetune-ssl-other-width", "stages.finetune", lambda r, c: finetune_args(r, c, r / "init/wide.pt"),
      2, ["init/wide.pt", "width 8", "width 4"], ["out", "curves"]),
     ("finetune-ssl-random-weights", "stages.finetune", lambda r, c: finetune_args(r, c, r / "init/baseline.pt"),
-     2, ["init/baseline.pt", "random weights", "mode ssl needs simclr"], ["out", "curves"]),
+     2, ["init/baseline.pt", "random weights", "mode ssl needs self-supervised"], ["out", "curves"]),
     ("finetune-head-epochs-cover-all", "stages.finetune",
      lambda r, c: finetune_args(r, c, r / "init/ssl.pt", **{"finetune.head_epochs": 2, "finetune.max_epochs": 2}),
      2, ["finetune.head_epochs = 2", "below finetune.max_epochs = 2"], ["out", "curves"]),

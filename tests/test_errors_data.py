@@ -1,15 +1,14 @@
 """Bad data sources: every broken archive, tree or image is named (file or folder) in one line."""
 import os
-import sys
 import types
 import urllib.error
 
 import numpy as np
 import pytest
 
-from stages.lib import cifar
+from stages.lib import sources
 from stages.lib.cli import UserError
-from tests.conftest import make_archive, png_bytes, synthetic_images
+from tests.conftest import CLASSES, make_archive, png_bytes, synthetic_images
 from tests.faults import (
     IMAGE, empty_class, extra_class, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without, write,
 )
@@ -29,11 +28,12 @@ DATA_CASES = [
     ("text-as-zip", lambda t: write(t / "c.zip", b"hello, I am text\n"), ["c.zip", "not a valid archive"]),
     ("unsupported-suffix", lambda t: make_archive(tree(t), t / "c.tar").rename(t / "c.rar"),
      ["c.rar", "not a directory or a .tar"]),
-    ("empty-directory", lambda t: mkdir(t / "empty"), ["empty", "no train/<class>/ images"]),
-    ("no-test", lambda t: without(t, "test"), ["cifar10", "no test/<class>/ images"]),
+    ("empty-directory", lambda t: mkdir(t / "empty"), ["empty", "no images found"]),
+    ("no-test-too-few", lambda t: without(t, "test"), ["class airplane has 2 image(s)", "no test image"]),
     ("no-train", lambda t: without(t, "train"), ["cifar10", "no train/<class>/ images"]),
-    ("class-missing", lambda t: without(t, "train/frog"), ["train/ class folders", "missing: frog"]),
+    ("class-missing", lambda t: without(t, "train/frog"), ["test/ class folders", "unexpected: frog"]),
     ("class-empty", empty_class, ["test/ class folders", "empty: frog"]),
+    ("train-class-empty", lambda t: empty_class(t, "train"), ["class folders without images in train/", "frog"]),
     ("class-extra", lambda t: extra_class(tree(t)), ["test/ class folders", "unexpected: unicorn"]),
     ("two-trees", two_trees, ["several train/ and test/", "cifar10", "copy"]),
     ("text-as-png", lambda t: replace_image(tree(t), IMAGE, b"not an image\n"), [IMAGE, "not a readable image"]),
@@ -41,8 +41,8 @@ DATA_CASES = [
      [IMAGE, "not a readable image"]),
     ("truncated-jpeg", lambda t: replace_image(tree(t), IMAGE.replace(".png", ".jpg"), jpeg_bytes()[:300]),
      [IMAGE.replace(".png", ".jpg"), "not a readable image"]),
-    ("not-32x32", lambda t: replace_image(tree(t), IMAGE, png_bytes(np.zeros((64, 48, 3), np.uint8))),
-     [IMAGE, "48x64", "32x32"]),
+    ("text-as-jpg", lambda t: replace_image(tree(t), IMAGE.replace(".png", ".jpg"), b"junk"),
+     [IMAGE.replace(".png", ".jpg"), "not a readable image"]),
     ("bad-image-in-archive", lambda t: make_archive(replace_image(tree(t), IMAGE, b"junk"), t / "c.zip"),
      [f"{IMAGE} in ", "c.zip", "not a readable image"]),
 ]
@@ -52,44 +52,46 @@ DATA_CASES = [
 def test_bad_data_source_is_named(tmp_path, build, culprits):
     source = build(tmp_path)
     with pytest.raises(UserError) as error:
-        cifar.read_source(str(source), tmp_path / "download")
+        sources.read_source(str(source), 32, 0.2, 0, tmp_path / "download")
     assert "\n" not in str(error.value)
     for culprit in culprits:
         assert culprit in str(error.value)
 
 
-@pytest.fixture
-def fake_torchvision(monkeypatch):
-    """Stand-in torchvision.datasets whose CIFAR10 is set by the test (no torch import, no network)."""
-    datasets = types.ModuleType("torchvision.datasets")
-    package = types.ModuleType("torchvision")
-    package.datasets = datasets
-    monkeypatch.setitem(sys.modules, "torchvision", package)
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
-    return datasets
+FAKES = {  # a stand-in for each named data set's torchvision class that fails as given
+    "cifar10": ("CIFAR10", lambda error: lambda root, train, download: _raise(error)),
+    "cifar100": ("CIFAR100", lambda error: lambda root, train, download: _raise(error)),
+    "stl10": ("STL10", lambda error: lambda root, split, download: _raise(error)),
+}
 
 
+def _raise(error):
+    raise error
+
+
+@pytest.mark.parametrize("name", FAKES)
 @pytest.mark.parametrize("error", [
     urllib.error.URLError("[Errno -3] Temporary failure in name resolution"),
     RuntimeError("File not found or corrupted."),
     ConnectionResetError("Connection reset by peer"),
 ], ids=["unreachable", "corrupted", "reset"])
-def test_failed_download_says_how_to_use_a_local_copy(tmp_path, fake_torchvision, error):
-    def cifar10(root, train, download):
-        raise error
-
-    fake_torchvision.CIFAR10 = cifar10
+def test_failed_download_says_how_to_use_a_local_copy(tmp_path, fake_torchvision, error, name):
+    attribute, fake = FAKES[name]
+    setattr(fake_torchvision, attribute, fake(error))
     with pytest.raises(UserError) as raised:
-        cifar.read_source("torchvision", tmp_path / "download")
+        sources.read_source(name, 32, 0.2, 0, tmp_path / "download")
     message = str(raised.value)
     assert "could not download" in message and "data.source" in message and str(tmp_path / "download") in message
-    assert str(error) in message
+    assert str(error) in message and "\n" not in message
 
 
 def test_torchvision_classes_in_another_order_are_refused(tmp_path, fake_torchvision):
     fake_torchvision.CIFAR10 = lambda root, train, download: types.SimpleNamespace(
-        classes=list(reversed(cifar.CLASSES)), data=np.zeros((1, 32, 32, 3), np.uint8), targets=[0])
+        classes=list(reversed(CLASSES)), data=np.zeros((1, 32, 32, 3), np.uint8), targets=[0])
     with pytest.raises(UserError, match="truck.*not in CIFAR-10 label order"):
-        cifar.read_source("torchvision", tmp_path / "download")
+        sources.read_source("cifar10", 32, 0.2, 0, tmp_path / "download")
 
 
+def test_unknown_name_is_taken_as_a_path(tmp_path):
+    with pytest.raises(UserError, match="cifar11 does not exist.*cifar10, cifar100, stl10"):
+        sources.read_source("cifar11", 32, 0.2, 0, tmp_path / "download")

@@ -32,14 +32,24 @@ PARAM_CASES = [
     ("temperature-nan", setter("pretrain.temperature", float("nan")), ["pretrain.temperature = nan", "> 0"]),
     ("lr-negative", setter("pretrain.lr", -0.1), ["pretrain.lr = -0.1", "> 0"]),
     ("optimizer-unknown", setter("pretrain.optimizer", "adam"), ["pretrain.optimizer = 'adam'", "sgd, lars"]),
-    ("flip-p-above-one", setter("pretrain.flip_p", 1.5), ["pretrain.flip_p = 1.5", "[0, 1]"]),
-    ("grayscale-p-negative", setter("pretrain.grayscale_p", -0.2), ["pretrain.grayscale_p = -0.2", "[0, 1]"]),
-    ("crop-scale-one", setter("pretrain.crop_scale_min", 1.0), ["pretrain.crop_scale_min = 1.0", "(0, 1)"]),
+    ("flip-p-above-one", setter("pretrain.augment.flip_p", 1.5), ["pretrain.augment.flip_p = 1.5", "[0, 1]"]),
+    ("grayscale-p-negative", setter("pretrain.augment.grayscale_p", -0.2), ["pretrain.augment.grayscale_p = -0.2", "[0, 1]"]),
+    ("crop-scale-one", setter("pretrain.augment.crop_scale_min", 1.0), ["pretrain.augment.crop_scale_min = 1.0", "(0, 1)"]),
     ("compile-text", setter("pretrain.compile", "maybe"), ["pretrain.compile = 'maybe'", "true or false"]),
     ("backbone-scale-zero", setter("finetune.backbone_lr_scale", 0), ["finetune.backbone_lr_scale = 0", "(0, 1]"]),
     ("max-epochs-text", setter("finetune.max_epochs", "ten"), ["finetune.max_epochs = 'ten'", ">= 1"]),
     ("mode-unknown", setter("finetune.modes", ["ssl", "sll"]), ["finetune.modes = ['ssl', 'sll']", "baseline, ssl"]),
     ("seeds-negative", setter("finetune.seeds", [0, -1]), ["finetune.seeds = [0, -1]", ">= 0"]),
+    ("blur-sigmas-reversed", setter("pretrain.augment.blur_sigma_min", 3.0),
+     ["pretrain.augment.blur_sigma_min = 3.0", "must not exceed blur_sigma_max = 2.0"]),
+    ("augment-key-typo", lambda raw: raw["pretrain"]["augment"].update(hu=raw["pretrain"]["augment"].pop("hue")),
+     ["pretrain.augment.hu: unknown key", "did you mean pretrain.augment.hue?"]),
+    ("augment-not-mapping", setter("finetune.augment", [4, 0.5]), ["finetune.augment = [4, 0.5]", "crop_padding"]),
+    ("head-epochs-all", setter("finetune.head_epochs", 2),
+     ["finetune.head_epochs = 2", "must be below finetune.max_epochs = 2"]),
+    ("image-size-tiny", setter("data.image_size", 4), ["data.image_size = 4", ">= 8"]),
+    ("test-fraction-one", setter("data.test_fraction", 1.0), ["data.test_fraction = 1.0", "(0, 1)"]),
+    ("method-unknown", setter("pretrain.method", "byol"), ["pretrain.method = 'byol'", "simclr"]),
     ("confidence-one", setter("evaluate.confidence", 1.0), ["evaluate.confidence = 1.0", "(0, 1)"]),
     ("section-typo", renamer("fraction", "fractions"), ["fractions: unknown key", "did you mean fraction?"]),
     ("top-level-extra", setter("learning_rate", 0.1), ["learning_rate: unknown key", "allowed: seed"]),
@@ -47,7 +57,7 @@ PARAM_CASES = [
      ["pretrain.epoch: unknown key", "did you mean pretrain.epochs?"]),
     ("key-missing", deleter("pretrain.temperature"), ["pretrain.temperature is missing", "> 0"]),
     ("section-missing", deleter("model"), ["model is missing", "a section with keys arch, width"]),
-    ("section-not-mapping", setter("pretrain", 5), ["pretrain = 5", "a section with keys epochs"]),
+    ("section-not-mapping", setter("pretrain", 5), ["pretrain = 5", "a section with keys method, epochs"]),
 ]
 
 
@@ -55,7 +65,7 @@ PARAM_CASES = [
 def test_bad_params_are_named(tmp_path, edit, culprits):
     path = edited_params(tmp_path / "params.yaml", edit)
     with pytest.raises(UserError) as error:
-        params.load(path, *params.SCHEMA)
+        params.load(path, *params.SECTIONS)
     message = str(error.value)
     assert "\n" not in message and str(path) in message
     for culprit in culprits:
@@ -94,6 +104,14 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     path = write_params(tmp_path / "params.yaml", **TINY)
     path.write_text(path.read_text().replace("  lr: 0.24", "  lr: 1e-3").replace("  lr: 0.1", "  lr: 2E-2"))
     p = params.load(path, "pretrain", "finetune")
-    assert p["pretrain"]["lr"] == 0.001 and p["finetune"]["lr"] == 0.02
+    assert p.pretrain.lr == 0.001 and p.finetune.lr == 0.02
+
+
+def test_sections_are_typed_and_only_the_loaded_ones_are_set(tmp_path):
+    p = params.load(write_params(tmp_path / "params.yaml", **TINY), "seed", "pretrain")
+    assert isinstance(p.pretrain, params.PretrainParams) and isinstance(p.pretrain.augment, params.SimCLRAugmentParams)
+    assert p.model is None and set(p.as_dict()) == {"seed", "pretrain"}
+    with pytest.raises(Exception, match="frozen"):
+        p.pretrain.lr = 1.0
 
 

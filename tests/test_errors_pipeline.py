@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import cifar, study, train
+from stages.lib import prepared, study, train
 from stages.lib.cli import StageError, UserError, run_stage
 from stages.lib.io import atomic_path, removed_on_failure
 from stages.lib.models import load_backbone
+from tests.conftest import save_data, synthetic_images
 from tests.faults import (
     last_line, npy_bytes, npz_bytes,
 )
@@ -32,10 +33,10 @@ def test_bad_weights_files_are_refused(project, tmp_path):
              ("list.pt", "not a backbone weights file"), ("tampered.pt", "does not hold resnet18 width 4 weights")]
     for name, culprit in cases:
         with pytest.raises(UserError) as error:
-            load_backbone(tmp_path / name, "resnet18", 4)
+            load_backbone(tmp_path / name, "resnet18", 4, "cifar")
         assert str(tmp_path / name) in str(error.value) and culprit in str(error.value)
-    with pytest.raises(UserError, match="width 8 weights, but params ask for resnet18 width 4"):
-        load_backbone(project / "init/wide.pt", "resnet18", 4)
+    with pytest.raises(UserError, match="width 8 weights with the cifar stem, but params ask for resnet18 width 4"):
+        load_backbone(project / "init/wide.pt", "resnet18", 4, "cifar")
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
@@ -61,9 +62,10 @@ PREPARED_FILES = [
 
 @pytest.mark.parametrize("content", [c[1] for c in PREPARED_FILES], ids=[c[0] for c in PREPARED_FILES])
 def test_bad_prepared_data_is_named(tmp_path, content):
+    save_data(tmp_path, synthetic_images(1), synthetic_images(1))
     (tmp_path / "train.npz").write_bytes(content())
     with pytest.raises(UserError, match=f"{tmp_path / 'train.npz'}.*rerun: dvc repro -f data"):
-        cifar.load_prepared(tmp_path, "train")
+        prepared.load_prepared(tmp_path, "train")
 
 
 def test_bad_fine_tune_results_are_named(tmp_path):

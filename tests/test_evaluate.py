@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib import cifar, dvc_views, report, study, tracking
+from stages.lib import dvc_views, prepared, report, study, tracking
 from stages.lib.splits import fraction_key
-from tests.conftest import run_module, synthetic_images, write_params
+from stages.lib.params import EvaluateParams
+from tests.conftest import CLASSES, run_module, save_data, synthetic_images, write_params
 
 FRACTIONS = (1.0, 0.5, 0.1)
 # Chance of a correct test prediction per mode and fraction: SSL better everywhere.
@@ -48,10 +49,13 @@ def fabricate_cell(root, mode, fraction, seed, skill, epochs=6):
 
 
 def fabricate_data(root, source):
-    train, test = synthetic_images(6, seed=1), synthetic_images(2, seed=2)
-    meta = {"source": source, "sha256": "ab" * 32, "classes": list(cifar.CLASSES),
-            "counts": {split: cifar.class_counts(y) for split, (_, y) in (("train", train), ("test", test))}}
-    cifar.save_prepared(root / "data", {"train": train, "test": test}, meta)
+    save_data(root / "data", synthetic_images(6, seed=1), synthetic_images(2, seed=2), source=source, sha256="ab" * 32)
+
+
+def facts(source, url=None):
+    """The data facts of a small synthetic data set from `source`."""
+    arrays = {"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)}
+    return prepared.data_facts(arrays, CLASSES, source=source, url=url)
 
 
 def stage_args(root):
@@ -113,7 +117,7 @@ def test_evaluate_writes_metrics_figures_and_report(fabricated):
     efficiency = comparison["label_efficiency"]
     assert efficiency["ssl_fraction"] == 0.1 and efficiency["note"]
     per_class = json.loads((root / "metrics/per_class.json").read_text())
-    assert set(per_class["ssl"]["n10"]["per_class_recall"]) == set(cifar.CLASSES)
+    assert set(per_class["ssl"]["n10"]["per_class_recall"]) == set(CLASSES)
     assert np.array(per_class["ssl"]["n10"]["confusion"]).sum() == N_TEST
     for path in [root / "plots" / f"{name}.png" for name in PLOTS] + [root / "samples.png"]:
         with Image.open(path) as image:
@@ -197,34 +201,36 @@ def _cells(tmp_path, modes, seeds):
 
 def test_several_seeds_give_mean_and_std(tmp_path):
     cells = _cells(tmp_path, ("baseline", "ssl", "linear"), seeds=(0, 1))
-    summary, _ = study.summarise(cells, list(cifar.CLASSES))
+    summary, _ = study.summarise(cells, list(CLASSES))
     entry = summary["ssl"]["n10"]
     seeds = [c["metrics"]["accuracy"] for c in cells if c["mode"] == "ssl" and c["key"] == "n10"]
     assert entry["seeds"] == 2 and entry["accuracy"] == pytest.approx(np.mean(seeds), abs=1e-4)
     assert entry["accuracy_std"] == pytest.approx(np.std(seeds, ddof=1), abs=1e-4)
     assert {"f1_std", "convergence_epoch_std", "seconds_std"} <= set(entry)
-    params = {"seed": 0, "evaluate": {"convergence_tolerance": 1.0, "bootstrap_samples": 200, "confidence": 0.9}}
-    comparison = study.compare(cells, params)
+    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.9)
+    comparison = study.compare(cells, settings, 0)
     assert comparison["n10"]["test_images"] == N_TEST and comparison["n10"]["seeds"] == 2
     assert set(comparison["n10"]["mcnemar_p_per_seed"]) == {"0", "1"}
     assert comparison["n10"]["images_test"] == "one-sample t-test of d_i over test images"
-    meta = {"source": "torchvision", "sha256": None, "counts": {}}
-    text = report.build(summary, comparison, meta, {"ssl": ["cpu"]}, params["evaluate"])
+    text = report.build(summary, comparison, facts("cifar10", url="https://example.org/cifar-10.tar.gz"),
+                        {"ssl": ["cpu"]}, settings)
     rows = [r for r in dvc_views.curve_rows(cells) if r["mode"] == "ssl" and r["N"] == "N = 10%"]
     assert {r["seed"] for r in rows} == {0, 1} and len(rows) == 2 * 6  # every seed: the plot shows their spread
     assert f"{100 * entry['accuracy']:.1f} ± {100 * entry['accuracy_std']:.1f}%" in text
     assert "linear accuracy" in text and "90% CI" in text and "SimCLR pretraining" not in text
     assert "Holm" in text and "Common threshold" in text and "never on pooled seeds" in text
-    assert "JPEG" not in text
+    assert "JPEG" not in text and "# SimCLR vs supervised baseline on cifar10" in text
+    assert "Seed project" in text  # CIFAR-10: the seed project's numbers are shown beside ours
 
 
 def test_baseline_only_has_no_comparison(tmp_path):
     cells = _cells(tmp_path, ("baseline",), seeds=(0,))
-    params = {"seed": 0, "evaluate": {"convergence_tolerance": 1.0, "bootstrap_samples": 200, "confidence": 0.95}}
-    comparison = study.compare(cells, params)
+    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
+    comparison = study.compare(cells, settings, 0)
     assert set(comparison) == {"note"}
-    summary, _ = study.summarise(cells, list(cifar.CLASSES))
-    text = report.build(summary, comparison, {"source": "x"}, {"baseline": ["cpu"]}, params["evaluate"])
+    summary, _ = study.summarise(cells, list(CLASSES))
+    text = report.build(summary, comparison, facts("/data/my-flowers.zip"), {"baseline": ["cpu"]}, settings)
+    assert "on my-flowers" in text and "Seed project" not in text  # not CIFAR-10: no seed-project table
     assert "## Improvement analysis" in text and comparison["note"] in text
     headline = dvc_views.headline(summary, comparison, cells)
     assert headline["n10.json"] == {"accuracy": {"baseline": summary["baseline"]["n10"]["accuracy"]},

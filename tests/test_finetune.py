@@ -7,11 +7,13 @@ import torch
 
 from stages.lib import params as params_lib
 from stages.lib import train
+from stages.lib.augment import Standardize
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
 from tests.conftest import synthetic_images, write_params
 
 CPU = torch.device("cpu")
+STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 def finetune_params(tmp_path, **overrides):
@@ -19,7 +21,7 @@ def finetune_params(tmp_path, **overrides):
         "finetune.batch_size": 32, "finetune.compile": False, "finetune.max_epochs": 6,
         "finetune.warmup_epochs": 0, "finetune.lr": 0.05, "finetune.backbone_lr_scale": 1.0,
         "finetune.head_epochs": 0, **overrides})
-    return params_lib.load(path, "finetune")["finetune"]
+    return params_lib.load(path, "finetune").finetune
 
 
 def task_data():
@@ -38,13 +40,13 @@ def copy_of(backbone):
 
 def make_task(mode, start, p, seed=0, classifier=None):
     data = task_data()
-    steps = len(data["labeled"]) // p["batch_size"]
-    classifier = classifier or build_classifier("resnet18", 4, 10, mode, p, CPU)
-    return FinetuneTask(data, classifier, start, mode, p, seed, steps, CPU, on_epoch=lambda row: None)
+    steps = len(data["labeled"]) // p.batch_size
+    classifier = classifier or build_classifier(ResNet("resnet18", 4, "cifar"), 10, mode, p, CPU)
+    return FinetuneTask(data, classifier, start, mode, p, STANDARDIZE, seed, steps, CPU, on_epoch=lambda row: None)
 
 
 def run(tmp_path, task, p):
-    train.run_epochs(task, p["max_epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}),
+    train.run_epochs(task, p.max_epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}),
                      100_000, task.mode)
     return task
 
@@ -52,18 +54,18 @@ def run(tmp_path, task, p):
 def test_fine_tuning_learns_and_keeps_the_best_epoch(tmp_path):
     torch.manual_seed(0)
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 10})
-    task = run(tmp_path, make_task("baseline", copy_of(ResNet("resnet18", 4)), p), p)
+    task = run(tmp_path, make_task("baseline", copy_of(ResNet("resnet18", 4, "cifar")), p), p)
     assert task.best_accuracy >= 0.5, task.history  # chance is 0.1
     assert len(task.history) == 10  # the whole schedule runs: it ends at max_epochs
     accuracies = [row["val_accuracy"] for row in task.history]
     assert task.best_epoch == accuracies.index(max(accuracies)) + 1
-    assert task.history[-1]["lr"] < 0.01 * p["lr"]  # the cosine schedule has annealed
+    assert task.history[-1]["lr"] < 0.01 * p.lr  # the cosine schedule has annealed
     assert len(task.test_predictions(task_data()["val_x"])) == 60
 
 
 def test_linear_mode_trains_only_the_head(tmp_path):
     torch.manual_seed(0)
-    backbone = ResNet("resnet18", 4)
+    backbone = ResNet("resnet18", 4, "cifar")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 2})
     task = run(tmp_path, make_task("linear", copy_of(backbone), p), p)
@@ -73,7 +75,7 @@ def test_linear_mode_trains_only_the_head(tmp_path):
 
 def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     torch.manual_seed(0)
-    backbone = ResNet("resnet18", 4)
+    backbone = ResNet("resnet18", 4, "cifar")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 2})
     task = make_task("ssl", copy_of(backbone), p)
@@ -89,7 +91,7 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
 
 def test_backbone_learning_rate_is_scaled(tmp_path):
     p = finetune_params(tmp_path, **{"finetune.backbone_lr_scale": 0.1})
-    task = make_task("ssl", copy_of(ResNet("resnet18", 4)), p)
+    task = make_task("ssl", copy_of(ResNet("resnet18", 4, "cifar")), p)
     task.step(0, 0)
     lrs = {group.get("part", "head"): group["lr"] for group in task.optimizer.param_groups}
     assert lrs["backbone"] == pytest.approx(0.1 * lrs["head"]) and lrs["head"] > 0
@@ -98,15 +100,15 @@ def test_backbone_learning_rate_is_scaled(tmp_path):
 def test_cells_sharing_one_classifier_start_from_identical_weights(tmp_path):
     """One compiled classifier serves every cell of a process; each cell still starts afresh."""
     torch.manual_seed(0)
-    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4), 1: ResNet("resnet18", 4)}, "random", {})
-    saved = read_weights(tmp_path / "baseline.pt", "resnet18", 4)
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar"), 1: ResNet("resnet18", 4, "cifar")}, "random", {})
+    saved = read_weights(tmp_path / "baseline.pt", "resnet18", 4, "cifar")
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 1})
 
     def start(seed):
         return functools.partial(load_into, saved=saved, seed=seed, path=tmp_path / "baseline.pt")
 
     fresh = {k: v.clone() for k, v in make_task("baseline", start(0), p).model.state_dict().items()}
-    shared = build_classifier("resnet18", 4, 10, "baseline", p, CPU)
+    shared = build_classifier(ResNet("resnet18", 4, "cifar"), 10, "baseline", p, CPU)
     run(tmp_path, make_task("baseline", start(0), p, classifier=shared), p)  # a first cell trains it
     second = make_task("baseline", start(0), p, classifier=shared)  # the next cell, same seed
     for key, value in second.model.state_dict().items():
@@ -119,18 +121,18 @@ def test_cells_sharing_one_classifier_start_from_identical_weights(tmp_path):
 @pytest.mark.parametrize("mode", ["ssl", "baseline"])
 def test_each_mode_starts_from_its_own_weights_file(tmp_path, mode):
     torch.manual_seed(1)
-    save_backbone(tmp_path / "ssl.pt", ResNet("resnet18", 4), origin="simclr", params={})
+    save_backbone(tmp_path / "ssl.pt", ResNet("resnet18", 4, "cifar"), origin="simclr", params={})
     torch.manual_seed(2)
-    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4)}, origin="random", params={})
-    backbone, saved = load_backbone(tmp_path / f"{mode}.pt", "resnet18", 4)
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
+    backbone, saved = load_backbone(tmp_path / f"{mode}.pt", "resnet18", 4, "cifar")
     task = make_task(mode, copy_of(backbone), finetune_params(tmp_path))
-    other = load_backbone(tmp_path / ("baseline.pt" if mode == "ssl" else "ssl.pt"), "resnet18", 4)[0]
+    other = load_backbone(tmp_path / ("baseline.pt" if mode == "ssl" else "ssl.pt"), "resnet18", 4, "cifar")[0]
     weight = task.model.backbone.state_dict()["stem.0.weight"]
     torch.testing.assert_close(weight, backbone.state_dict()["stem.0.weight"], rtol=0, atol=0)
     assert not torch.equal(weight, other.state_dict()["stem.0.weight"])
 
 
 def test_a_seed_without_starting_weights_is_refused(tmp_path):
-    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4)}, origin="random", params={})
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
     with pytest.raises(Exception, match="starting weights for seeds \\[0\\], not for seed 3"):
-        load_backbone(tmp_path / "baseline.pt", "resnet18", 4, seed=3)
+        load_backbone(tmp_path / "baseline.pt", "resnet18", 4, "cifar", seed=3)

@@ -47,7 +47,7 @@ def project(tmp_path, synthetic_archive):
 
 def test_dvc_repro_data_and_split(project):
     sh("dvc", "repro", "split", cwd=project)
-    meta = json.loads((project / "data/cifar10/meta.json").read_text())
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert sum(meta["counts"]["train"].values()) == 300
     assert sorted(p.name for p in (project / "data/splits").iterdir()) == [
         "train_n10.npy", "train_n100.npy", "train_n50.npy", "val.npy",
@@ -61,7 +61,7 @@ def mlflow_runs():
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("simclr-cifar10")
+    experiment = client.get_experiment_by_name("ssl-label-budget")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # "model training"
     return client.search_runs([experiment.experiment_id])
 
@@ -162,8 +162,8 @@ def assert_mlflow_inputs(project, runs):
     """One pipeline run groups this repro's runs; each run that reads the data logs it as its input."""
     assert len({run.data.tags["dvc.pipeline_run"] for run in runs}) == 1
     assert runs[0].data.tags["dvc.pipeline_run"].startswith("workspace ")
-    digest = json.loads((project / "data/cifar10/meta.json").read_text())["content_sha256"][:8]
-    source = json.loads((project / "data/cifar10/meta.json").read_text())["source"]
+    digest = json.loads((project / "data/prepared/meta.json").read_text())["content_sha256"][:8]
+    source = json.loads((project / "data/prepared/meta.json").read_text())["source"]
     for run in runs:
         inputs = [(i.dataset.name, i.dataset.digest, i.dataset.source) for i in run.inputs.dataset_inputs]
         stage, fraction = run.data.tags["dvc.stage"], run.data.tags.get("fraction")
@@ -171,6 +171,6 @@ def assert_mlflow_inputs(project, runs):
             assert inputs == []
         elif stage.startswith("finetune@"):
             ((name, _, where),) = inputs
-            assert name == "cifar10-n" + {"1.0": "100", "0.5": "50", "0.1": "10"}[fraction] and source in where
+            assert name == "cifar-n" + {"1.0": "100", "0.5": "50", "0.1": "10"}[fraction] and source in where
         else:
-            assert [(name, code) for name, code, _ in inputs] == [("cifar10", digest)], stage
+            assert [(name, code) for name, code, _ in inputs] == [("cifar", digest)], stage  # the source is cifar.tar.gz

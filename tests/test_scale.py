@@ -51,7 +51,7 @@ def runs_by_exp(tracking_uri):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("simclr-cifar10")
+    experiment = client.get_experiment_by_name("ssl-label-budget")
     runs = {}
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
         runs.setdefault(run.data.tags.get("dvc.exp_name"), []).append(run)
@@ -231,4 +231,4 @@ def test_dvc_remote_round_trip(study, tmp_path):
     sh("dvc", "pull", cwd=clone)
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=clone).stdout
     assert (clone / "data/init/ssl.pt").read_bytes() == (study / "data/init/ssl.pt").read_bytes()
-    assert (clone / "data/cifar10/train.npz").read_bytes() == (study / "data/cifar10/train.npz").read_bytes()
+    assert (clone / "data/prepared/train.npz").read_bytes() == (study / "data/prepared/train.npz").read_bytes()

@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from stages.lib import train
-from stages.lib.augment import SimCLRAugment, SupervisedAugment
+from stages.lib.augment import SimCLRAugment, Standardize, SupervisedAugment
 from stages.lib.cli import StageError
+from stages.lib.knn import KNNMonitor
 from stages.lib.losses import nt_xent
 from stages.lib.models import ResNet
-from stages.lib.simclr import AUGMENT_KEYS, PretrainTask
+from stages.lib.params import SupervisedAugmentParams
+from stages.lib.pretraining import Method, PretrainTask
+from stages.lib.simclr import SimCLR
 from tests.conftest import synthetic_images, write_params
 from stages.lib import params as params_lib
+
+STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 def nt_xent_reference(z1, z2, temperature):
@@ -62,8 +67,7 @@ def test_nt_xent_prefers_matching_pairs():
 
 @pytest.fixture
 def simclr_augment():
-    p = params_lib.load("params.yaml", "pretrain")["pretrain"]
-    return SimCLRAugment(**{key: p[key] for key in AUGMENT_KEYS})
+    return SimCLRAugment(params_lib.load("params.yaml", "pretrain").pretrain.augment, STANDARDIZE)
 
 
 def test_simclr_augment_shape_dtype_range(simclr_augment):
@@ -71,8 +75,8 @@ def test_simclr_augment_shape_dtype_range(simclr_augment):
     views = simclr_augment(images, torch.Generator().manual_seed(0))
     assert views.shape == images.shape and views.dtype == torch.float32
     assert torch.isfinite(views).all()
-    # Normalized from [0, 1]: bounded by (0 - mean) / std and (1 - mean) / std.
-    assert views.min() >= -2.1 and views.max() <= 2.2
+    # Standardized from [0, 1]: bounded by (0 - mean) / std and (1 - mean) / std.
+    assert views.min() >= -2.0 - 1e-5 and views.max() <= 2.2
 
 
 def test_two_views_differ_and_seed_repeats(simclr_augment):
@@ -86,17 +90,39 @@ def test_two_views_differ_and_seed_repeats(simclr_augment):
 
 def test_supervised_augment_shifts_and_flips():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = SupervisedAugment(4, 0.5)(images, torch.Generator().manual_seed(0))
+    augment = SupervisedAugment(SupervisedAugmentParams(crop_padding=4, flip_p=0.5), STANDARDIZE)
+    out = augment(images, torch.Generator().manual_seed(0))
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
-    plain = SupervisedAugment(0, 0.0)(images, torch.Generator().manual_seed(0))
-    from stages.lib.augment import normalize
+    plain = SupervisedAugment(SupervisedAugmentParams(crop_padding=0, flip_p=0.0), STANDARDIZE)
+    torch.testing.assert_close(plain(images, torch.Generator().manual_seed(0)), STANDARDIZE.images(images))
 
-    torch.testing.assert_close(plain, normalize(images))
+
+def test_simclr_is_a_method_and_its_loss_is_nt_xent():
+    cfg = params_lib.load("params.yaml", "pretrain").pretrain
+    method = SimCLR(cfg, STANDARDIZE)
+    assert isinstance(method, Method) and method.views_per_image == 2
+    images = torch.from_numpy(synthetic_images(3)[0]).permute(0, 3, 1, 2).contiguous()  # (30, 3, 32, 32)
+    views = method.views(images, torch.Generator().manual_seed(0))
+    assert views.shape == (60, 3, 32, 32)
+    z = torch.randn(60, cfg.proj_dim)
+    assert method.loss(z, 30).item() == pytest.approx(nt_xent(z[:30], z[30:], cfg.temperature).item())
+    assert method.head(32)(torch.randn(4, 32)).shape == (4, cfg.proj_dim)
+
+
+def test_a_method_must_give_every_part():
+    class Incomplete(Method):
+        name, views_per_image = "incomplete", 2
+
+        def views(self, images, generator):
+            return images
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
 
 
 @pytest.mark.parametrize("width", [8, 64])
 def test_backbone_feature_size_and_cifar_stem(width):
-    backbone = ResNet("resnet18", width)
+    backbone = ResNet("resnet18", width, "cifar")
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 8 * width)
     stem_conv = backbone.stem[0]
     assert stem_conv.kernel_size == (3, 3) and stem_conv.stride == (1, 1)
@@ -107,15 +133,17 @@ def make_task(tmp_path, epochs=3):
     x, y = synthetic_images(16, seed=0)
     images = train.images_to_device(x, torch.device("cpu"))
     labels = torch.from_numpy(y)
-    monitor = (images[::2], labels[::2], images[1::2], labels[1::2])
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_params(tmp_path / "params.yaml", **{
         "pretrain.epochs": epochs, "pretrain.batch_size": 32, "pretrain.compile": False,
         "pretrain.proj_hidden": 32, "pretrain.warmup_epochs": 1, "pretrain.knn_every": 1,
     })
-    p = params_lib.load(path, "pretrain")["pretrain"]
+    p = params_lib.load(path, "pretrain").pretrain
+    monitor = KNNMonitor(images[::2], labels[::2], images[1::2], labels[1::2], 10, STANDARDIZE, p.knn_k,
+                         p.knn_temperature)
     torch.manual_seed(0)
-    task = PretrainTask(images, monitor, p, "resnet18", 4, 0, torch.device("cpu"), on_epoch=lambda row: None)
+    task = PretrainTask(SimCLR(p, STANDARDIZE), images, ResNet("resnet18", 4, "cifar"), monitor, p, 0,
+                        torch.device("cpu"), on_epoch=lambda row: None)
     return task, p
 
 
@@ -132,8 +160,8 @@ def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
         return step(epoch, index)
 
     task.step = interrupted_step
-    checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p})
-    train.run_epochs(task, p["epochs"], task.steps_per_epoch, checkpoint, 0, "pretrain")
+    checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p.model_dump()})
+    train.run_epochs(task, p.epochs, task.steps_per_epoch, checkpoint, 0, "pretrain")
     return task
 
 
@@ -180,11 +208,13 @@ def test_gpu_pretraining_with_bf16_compile_and_channels_last(tmp_path):
     x, y = synthetic_images(64, seed=0)
     device = torch.device("cuda")
     images, labels = train.images_to_device(x, device), torch.from_numpy(y).to(device)
-    monitor = (images[::2], labels[::2], images[1::2], labels[1::2])
     path = write_params(tmp_path / "params.yaml", **{"pretrain.epochs": 2, "pretrain.batch_size": 128,
                                                      "pretrain.knn_every": 1, "pretrain.compile": True})
-    p = params_lib.load(path, "pretrain")["pretrain"]
-    task = PretrainTask(images, monitor, p, "resnet18", 16, 0, device, on_epoch=lambda row: None)
-    train.run_epochs(task, p["epochs"], task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 0, "gpu")
+    p = params_lib.load(path, "pretrain").pretrain
+    monitor = KNNMonitor(images[::2], labels[::2], images[1::2], labels[1::2], 10, STANDARDIZE, p.knn_k,
+                         p.knn_temperature)
+    task = PretrainTask(SimCLR(p, STANDARDIZE), images, ResNet("resnet18", 16, "cifar"), monitor, p, 0, device,
+                        on_epoch=lambda row: None)
+    train.run_epochs(task, p.epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 0, "gpu")
     assert all(math.isfinite(row["loss"]) for row in task.history)
     assert task.history[-1]["knn_accuracy"] is not None

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from stages.lib import dvc_views, tracking
+from stages.lib import dvc_views, prepared, tracking
 from stages.lib.progress import Progress
+from tests.conftest import CLASSES, save_data, synthetic_images
 
 
 def test_progress_off_a_terminal_logs_one_line_per_bar(capsys):
@@ -32,22 +33,20 @@ def test_experiment_is_tagged_as_model_training_even_when_made_before(isolated_m
         assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def prepared(tmp_path, meta):
-    (tmp_path / "data").mkdir(parents=True)
-    (tmp_path / "data/meta.json").write_text(json.dumps(meta))
-    return tmp_path / "data"
-
-
 def test_the_data_set_is_the_runs_input(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("DVC_STAGE", raising=False)
-    data = prepared(tmp_path, {"source": "copies/cifar10.tar.gz", "content_sha256": "ab12" * 16})
+    data = save_data(tmp_path / "data", synthetic_images(2), synthetic_images(1), source="copies/cifar10.tar.gz")
+    digest = json.loads((data / "meta.json").read_text())["content_sha256"]
     whole, part = tracking.dataset(data, "training"), tracking.dataset(data, "training", subset=("n10", "f00d"))
-    assert whole == {"name": "cifar10", "source": str(tmp_path / "copies/cifar10.tar.gz"), "digest": "ab12ab12",
+    assert whole == {"name": "cifar10", "source": str(tmp_path / "copies/cifar10.tar.gz"), "digest": digest[:8],
                      "context": "training"}
     assert part["name"] == "cifar10-n10" and len(part["digest"]) == 8 and part["digest"] != whole["digest"]
-    official = tracking.dataset(prepared(tmp_path / "x", {"source": "torchvision"}), "evaluation")
-    assert official["source"] == tracking.TORCHVISION_URL and official["digest"] is None
+    url = "https://example.org/cifar-100-python.tar.gz"
+    facts = prepared.data_facts({"train": synthetic_images(2), "test": synthetic_images(1)}, CLASSES, "cifar100", url)
+    prepared.save_prepared(tmp_path / "x", {"train": synthetic_images(2), "test": synthetic_images(1)}, facts)
+    official = tracking.dataset(tmp_path / "x", "evaluation")
+    assert (official["name"], official["source"]) == ("cifar100", url)
     with tracking.stage_run("finetune@ssl", {"seed": 0}, run_name="ssl-n10_s0", data=part) as run:
         run_id = run.run_id
     from mlflow.tracking import MlflowClient

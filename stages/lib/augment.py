@@ -3,36 +3,35 @@
 Every random parameter is drawn per sample as a tensor from a `torch.Generator`, and each
 operation is one batched kornia call (one affine warp for crop and flip), so there is no
 per-image Python work and no host round trip. Computed in float32 (kornia's hue in float16
-can give NaN). Input: uint8 (B, 3, H, W); output: normalized float32 (B, 3, H, W).
+can give NaN). Input: uint8 (B, 3, H, W); output: standardized float32 (B, 3, H, W).
 """
-import functools
 import math
 
 import kornia
 import torch
 
-# Per-channel statistics of the CIFAR-10 training images (a fact of the data set, not a setting).
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+class Standardize:
+    """Images -> (x - mean) / std per channel, with the training images' statistics (the data
+    stage's meta.json: a fact of the data, not a setting). The (1, 3, 1, 1) statistics are made
+    once per device: a host-to-device copy on every step would make the host wait for the GPU."""
 
+    def __init__(self, mean, std):
+        self.mean, self.std, self._on = tuple(mean), tuple(std), {}
 
-@functools.lru_cache(maxsize=None)
-def _statistics(device):
-    """(mean, std) as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy on
-    every step would make the host wait for the GPU."""
-    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+    def _statistics(self, device):
+        if device not in self._on:
+            self._on[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                                torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return self._on[device]
 
+    def __call__(self, x):
+        """float32 in [0, 1] (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
+        mean, std = self._statistics(x.device)
+        return (x - mean) / std
 
-def standardize(x):
-    """float32 in [0, 1] (B, 3, H, W) -> normalized with the CIFAR-10 statistics."""
-    mean, std = _statistics(x.device)
-    return (x - mean) / std
-
-
-def normalize(x):
-    """uint8 (B, 3, H, W) -> float32 normalized (B, 3, H, W)."""
-    return standardize(x.float() / 255.0)
+    def images(self, x):
+        """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
+        return self(x.float() / 255.0)
 
 
 def _uniform(generator, shape, low, high, device):
@@ -141,32 +140,69 @@ def color_jitter(x, factors, order, on):
     return x
 
 
-class SimCLRAugment:
-    """Random resized crop, horizontal flip, colour jitter (random order) and grayscale:
-    SimCLR's CIFAR recipe, drawn as torchvision's transforms draw it, per sample."""
+def blur_kernel_size(image_size):
+    """Odd side of the Gaussian-blur kernel for images of side `image_size`: about 10% of it
+    (SimCLR, Chen et al. 2020, appendix A). image_size // 10 (10% rounded down), plus 1 when even,
+    at least 3: 32 -> 3, 48 -> 5, 64 -> 7, 96 -> 9, 224 -> 23."""
+    size = image_size // 10
+    return max(3, size + 1 - size % 2)
 
-    def __init__(self, crop_scale_min, crop_ratio_max, flip_p, jitter_p, brightness, contrast,
-                 saturation, hue, grayscale_p):
-        self.crop_scale_min, self.crop_ratio_max = crop_scale_min, crop_ratio_max
-        self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
-        self.spread = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Blur each sample with its own standard deviation: x float (B, 3, H, W), sigma (B,) in pixels,
+    kernel_size odd -> (B, 3, H, W), clamped to [0, 1], reflect border (as torchvision's gaussian_blur).
+
+    One batched kornia filter with one kernel per sample. Not kornia's gaussian_blur2d: in kornia 0.9
+    its check that sigma is positive reads sigma on the host, a sync for a sigma on the GPU.
+    """
+    kernel = kornia.filters.get_gaussian_kernel1d(kernel_size, sigma.view(-1, 1))  # (B, k), rows and columns alike
+    return kornia.filters.filter2d_separable(x, kernel, kernel, border_type="reflect").clamp(0.0, 1.0)
+
+
+def blur_draws(generator, batch, p, sigma_min, sigma_max, device):
+    """Per-sample blur parameters: (on bool (B,), True with probability p; sigma float32 (B,) uniform in
+    [sigma_min, sigma_max))."""
+    on = _chance(generator, batch, p, device)
+    return on, _uniform(generator, batch, sigma_min, sigma_max, device)
+
+
+def random_blur(x, generator, p, sigma_min, sigma_max, kernel_size):
+    """SimCLR's random Gaussian blur on float (B, 3, H, W) in [0, 1]: each sample blurred with probability p,
+    sigma drawn by `blur_draws`; the others are returned exactly unchanged. With p == 0 nothing is drawn,
+    so the generator's later draws are those of a pipeline without blur."""
+    if p == 0:
+        return x
+    on, sigma = blur_draws(generator, x.shape[0], p, sigma_min, sigma_max, x.device)
+    return torch.where(on.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel_size), x)
+
+
+class SimCLRAugment:
+    """Random resized crop, horizontal flip, colour jitter (random order), grayscale and, for images
+    of `cfg.blur_from` pixels or more, Gaussian blur: SimCLR's recipe, drawn as torchvision's
+    transforms draw it, per sample. `cfg` is params' SimCLRAugmentParams."""
+
+    def __init__(self, cfg, standardize):
+        self.cfg, self.standardize = cfg, standardize
+        self.spread = {name: getattr(cfg, name) for name in JITTER_OPS}
 
     def __call__(self, images, generator):
-        """uint8 (B, 3, H, W) -> normalized float32 (B, 3, H, W); randomness from `generator`."""
-        batch, _, height, width = images.shape
-        device = images.device
+        """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W); randomness from `generator`."""
+        cfg, (batch, _, height, width), device = self.cfg, images.shape, images.device
         x = images.float() / 255.0
-        box = resized_crop_boxes(generator, batch, height, width, self.crop_scale_min, self.crop_ratio_max, device)
-        x = affine_crop_flip(x, box, _chance(generator, batch, self.flip_p, device))
+        box = resized_crop_boxes(generator, batch, height, width, cfg.crop_scale_min, cfg.crop_ratio_max, device)
+        x = affine_crop_flip(x, box, _chance(generator, batch, cfg.flip_p, device))
         x = self._jitter(x, generator)
-        gray = _chance(generator, batch, self.grayscale_p, device).view(-1, 1, 1, 1)
+        gray = _chance(generator, batch, cfg.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
-        return standardize(x)
+        if min(height, width) >= cfg.blur_from:  # below it nothing is drawn: CIFAR's stream is unchanged
+            x = random_blur(x, generator, cfg.blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
+                            blur_kernel_size(min(height, width)))
+        return self.standardize(x)
 
     def _jitter(self, x, generator):
         """Colour jitter with probability jitter_p: per-sample factors, per-sample order."""
         batch, device = x.shape[0], x.device
-        on = _chance(generator, batch, self.jitter_p, device)
+        on = _chance(generator, batch, self.cfg.jitter_p, device)
         factors = {}
         for name, spread in self.spread.items():
             neutral = 0.0 if name == "hue" else 1.0
@@ -175,13 +211,14 @@ class SimCLRAugment:
 
 
 class SupervisedAugment:
-    """Random crop after zero padding (integer shifts) and horizontal flip, for fine-tuning."""
+    """Random crop after zero padding (integer shifts) and horizontal flip, for fine-tuning.
+    `cfg` is params' SupervisedAugmentParams."""
 
-    def __init__(self, crop_padding, flip_p):
-        self.padding, self.flip_p = crop_padding, flip_p
+    def __init__(self, cfg, standardize):
+        self.padding, self.flip_p, self.standardize = cfg.crop_padding, cfg.flip_p, standardize
 
     def __call__(self, images, generator):
-        """uint8 (B, 3, H, W) -> normalized float32 (B, 3, H, W)."""
+        """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
         batch, _, height, width = images.shape
         device = images.device
         shift = torch.randint(-self.padding, self.padding + 1, (batch, 2), generator=generator, device=device)
@@ -190,4 +227,4 @@ class SupervisedAugment:
         box[:, 2], box[:, 3] = width, height
         flip = _chance(generator, batch, self.flip_p, device)
         shifted = affine_crop_flip(images.float(), box, flip, mode="nearest", padding_mode="zeros")
-        return normalize(shifted)
+        return self.standardize.images(shifted)

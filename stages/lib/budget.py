@@ -32,22 +32,22 @@ class Study:
     fractions: tuple  # labeled fractions N
     seeds: int  # fine-tuning seeds
     modes: int  # fine-tuning modes (baseline, ssl, ...)
-    pretrain: dict  # params section `pretrain`
-    finetune: dict  # params section `finetune`
+    pretrain: object  # params' PretrainParams
+    finetune: object  # params' FinetuneParams
 
 
 def _pretrain(rates, s):
     p = s.pretrain
-    steps = s.train_images // p["batch_size"]
-    views = p["epochs"] * steps * p["batch_size"] * 2
-    epoch_s = 2 * steps * p["batch_size"] * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
-    knn_runs = p["epochs"] // p["knn_every"] + (p["epochs"] % p["knn_every"] != 0)
+    steps = s.train_images // p.batch_size
+    views = p.epochs * steps * p.batch_size * 2
+    epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
+    knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
     knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    checkpoints = int(p["epochs"] * epoch_s // max(p["checkpoint_seconds"], epoch_s))
-    seconds = (rates.stage_start_s + rates.compile_s * p["compile"] + p["epochs"] * epoch_s + knn_s
+    checkpoints = int(p.epochs * epoch_s // max(p.checkpoint_seconds, epoch_s))
+    seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
                + checkpoints * rates.checkpoint_s)
-    note = (f"{p['epochs']} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"
-            + (", compile" if p["compile"] else ""))
+    note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"
+            + (", compile" if p.compile else ""))
     return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
 
 
@@ -57,12 +57,12 @@ def _finetune(rates, s):
     images, val = 0, 0
     for fraction in s.fractions:
         labeled = max(1, round(fraction * pool))
-        steps = max(1, (pool if p["equal_steps"] else labeled) // p["batch_size"])
-        images += s.seeds * p["max_epochs"] * steps * p["batch_size"]
-        val += s.seeds * (p["max_epochs"] * s.val_images + s.test_images)
-    seconds = (rates.stage_start_s + rates.compile_s * p["compile"] + images / rates.train_views_per_s
+        steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
+        images += s.seeds * p.max_epochs * steps * p.batch_size
+        val += s.seeds * (p.max_epochs * s.val_images + s.test_images)
+    seconds = (rates.stage_start_s + rates.compile_s * p.compile + images / rates.train_views_per_s
                + val / rates.infer_images_per_s)
-    note = f"{len(s.fractions) * s.seeds} cells x {p['max_epochs']} epochs" + (", compile" if p["compile"] else "")
+    note = f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs" + (", compile" if p.compile else "")
     return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}
 
 

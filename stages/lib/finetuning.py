@@ -20,52 +20,54 @@ import torch.nn.functional as F
 from stages.lib import distributed, train
 from stages.lib.augment import SupervisedAugment
 from stages.lib.metrics import classification_metrics
-from stages.lib.models import Classifier, ResNet
+from stages.lib.models import Classifier
 
 
-def build_classifier(arch, width, num_classes, mode, p, device):
-    """(model, module to train through) for every cell of a process: compiled once when asked."""
-    model = Classifier(ResNet(arch, width), num_classes).to(device)
+def build_classifier(backbone, num_classes, mode, cfg, device):
+    """(model, module to train through) for every cell of a process: compiled once when asked.
+    `cfg` is params' FinetuneParams."""
+    model = Classifier(backbone, num_classes).to(device)
     if mode == "linear":
         model.backbone.requires_grad_(False)
-    return model, train.prepare_model(model, device, p["compile"], p["sync_batchnorm"])
+    return model, train.prepare_model(model, device, cfg.compile, cfg.sync_batchnorm)
 
 
 class FinetuneTask(train.Task):
     """One fine-tuning cell. `data` holds device tensors: images (N, 3, H, W) uint8, labels (N,),
     labeled (L,) indices into them, val_x, val_y. `classifier` is `build_classifier`'s pair;
-    `start` puts the cell's starting weights into a backbone (e.g. `models.load_into`)."""
+    `start` puts the cell's starting weights into a backbone (e.g. `models.load_into`); `cfg` is
+    params' FinetuneParams; `standardize` the data's augment.Standardize."""
 
     kept = ("history", "best", "best_accuracy", "best_epoch", "train_seconds")
 
-    def __init__(self, data, classifier, start, mode, p, seed, steps_per_epoch, device, on_epoch):
-        self.data, self.mode, self.p, self.seed, self.device = data, mode, p, seed, device
+    def __init__(self, data, classifier, start, mode, cfg, standardize, seed, steps_per_epoch, device, on_epoch):
+        self.data, self.mode, self.cfg, self.seed, self.device = data, mode, cfg, seed, device
         self.steps_per_epoch, self.on_epoch = steps_per_epoch, on_epoch
         self.model, self.compiled = classifier
         self.num_classes = self.model.head.out_features
         start(self.model.backbone)
         torch.manual_seed(seed)  # the head's initial weights
         self.model.head.reset_parameters()
-        self.images_per_step = p["batch_size"]  # global: split evenly over the processes
-        self.local = distributed.per_rank_batch(p["batch_size"], "finetune.batch_size")
-        groups = (train.param_groups(self.model.backbone, p["weight_decay"], p["backbone_lr_scale"], "backbone")
-                  + train.param_groups(self.model.head, p["weight_decay"], part="head"))
-        self.optimizer = train.make_optimizer("sgd", groups, p["lr"], p["momentum"])
-        self.augment = SupervisedAugment(p["crop_padding"], p["flip_p"])
+        self.images_per_step = cfg.batch_size  # global: split evenly over the processes
+        self.local = distributed.per_rank_batch(cfg.batch_size, "finetune.batch_size")
+        groups = (train.param_groups(self.model.backbone, cfg.weight_decay, cfg.backbone_lr_scale, "backbone")
+                  + train.param_groups(self.model.head, cfg.weight_decay, part="head"))
+        self.optimizer = train.make_optimizer("sgd", groups, cfg.lr, cfg.momentum)
+        self.standardize, self.augment = standardize, SupervisedAugment(cfg.augment, standardize)
         self.generator = train.rank_generator(seed, device)
         self.history, self.best, self.order_epoch = [], None, None
         self.best_accuracy, self.best_epoch, self.train_seconds = -1.0, 0, 0.0
 
     def _order(self, epoch):
         """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
-        labeled, needed = self.data["labeled"], self.steps_per_epoch * self.p["batch_size"]
+        labeled, needed = self.data["labeled"], self.steps_per_epoch * self.cfg.batch_size
         passes = -(-needed // len(labeled))
         orders = [train.epoch_order(len(labeled), self.seed, epoch * passes + i, self.device) for i in range(passes)]
         return labeled[torch.cat(orders)[:needed]]
 
     def head_only(self, epoch):
         """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""
-        return self.mode == "linear" or epoch < self.p["head_epochs"]
+        return self.mode == "linear" or epoch < self.cfg.head_epochs
 
     def _start_epoch(self, epoch):
         self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
@@ -75,29 +77,29 @@ class FinetuneTask(train.Task):
             self.model.backbone.eval()  # frozen: BatchNorm statistics stay as they started
         for group in self.optimizer.param_groups:
             if group["part"] == "backbone":
-                group["lr_scale"] = 0.0 if frozen else self.p["backbone_lr_scale"]  # set_lr applies it
-                if epoch == self.p["head_epochs"] > 0:  # the backbone starts training: no stale momentum
+                group["lr_scale"] = 0.0 if frozen else self.cfg.backbone_lr_scale  # set_lr applies it
+                if epoch == self.cfg.head_epochs > 0:  # the backbone starts training: no stale momentum
                     for param in group["params"]:
                         self.optimizer.state.pop(param, None)
 
     def step(self, epoch, step):
         if self.order_epoch != epoch:
             self._start_epoch(epoch)
-        batch = self.p["batch_size"]
-        total = self.p["max_epochs"] * self.steps_per_epoch
-        warmup = self.p["warmup_epochs"] * self.steps_per_epoch
-        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.p["lr"]))
+        batch = self.cfg.batch_size
+        total = self.cfg.max_epochs * self.steps_per_epoch
+        warmup = self.cfg.warmup_epochs * self.steps_per_epoch
+        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.cfg.lr))
         index = train.rank_batch(self.order, step, batch, self.local)
         x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
             logits = self.compiled(x)  # (b, C)
-        loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.p["label_smoothing"])
+        loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.cfg.label_smoothing)
         return train.optimize(self.optimizer, loss)
 
     def end_epoch(self, epoch, mean_loss):
         seconds = train.seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
-        logits = train.infer(self.model, self.data["val_x"])  # (V, C)
+        logits = train.infer(self.model, self.data["val_x"], self.standardize)  # (V, C)
         val_loss = F.cross_entropy(logits, self.data["val_y"]).item()
         m = classification_metrics(self.data["val_y"].cpu().numpy(), logits.argmax(1).cpu().numpy(), self.num_classes)
         row = {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val_loss, "val_accuracy": m["accuracy"],
@@ -114,4 +116,4 @@ class FinetuneTask(train.Task):
         """Predicted labels (N,) of the best-validation weights on the test images."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.best)
-        return train.infer(model, test_x).argmax(1).cpu().numpy().astype(np.int64)
+        return train.infer(model, test_x, self.standardize).argmax(1).cpu().numpy().astype(np.int64)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from stages.lib.train import infer
 
 
-def embed(backbone, images, batch_size):
+def embed(backbone, images, standardize, batch_size):
     """uint8 (N, 3, H, W) on the model's device -> L2-normalized float32 features (N, D)."""
-    return F.normalize(infer(backbone, images, batch_size), dim=1)
+    return F.normalize(infer(backbone, images, standardize, batch_size), dim=1)
 
 
 @torch.no_grad()
@@ -29,10 +29,23 @@ def knn_predict(train_features, train_labels, query_features, k, temperature, nu
     return torch.cat(predictions)
 
 
-def knn_accuracy(backbone, train_images, train_labels, val_images, val_labels, k, temperature, batch_size):
+class KNNMonitor:
+    """How good a backbone's features are while it trains: weighted kNN accuracy on labeled images
+    (device tensors: train_x uint8 (N, 3, H, W), train_y (N,), val_x, val_y), method-agnostic."""
+
+    def __init__(self, train_x, train_y, val_x, val_y, num_classes, standardize, k, temperature):
+        self.train, self.val, self.num_classes = (train_x, train_y), (val_x, val_y), num_classes
+        self.standardize, self.k, self.temperature = standardize, k, temperature
+
+    def __call__(self, backbone):
+        return knn_accuracy(backbone, *self.train, *self.val, self.num_classes, self.standardize, self.k,
+                            self.temperature, batch_size=1024)
+
+
+def knn_accuracy(backbone, train_images, train_labels, val_images, val_labels, num_classes, standardize, k,
+                 temperature, batch_size):
     """Fraction of validation images whose kNN label (from the training images) is right."""
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    train_features = embed(backbone, train_images, batch_size)
-    val_features = embed(backbone, val_images, batch_size)
+    train_features = embed(backbone, train_images, standardize, batch_size)
+    val_features = embed(backbone, val_images, standardize, batch_size)
     predicted = knn_predict(train_features, train_labels, val_features, k, temperature, num_classes)
     return (predicted == val_labels).float().mean().item()

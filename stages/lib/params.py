@@ -1,26 +1,31 @@
-"""Read and validate params.yaml. Values live only in params.yaml; this module knows
-each key's type and allowed range, and fails with one line naming key, value and rule.
+"""params.yaml as typed, validated sections (pydantic). Values live only in params.yaml; each
+setting is declared once, here, with its type and allowed range, and the stages, tasks and
+augmentations take these typed sections. A bad value stops with one line naming key, value and rule.
 
-Usage: p = params.load("params.yaml", "seed", "model", "pretrain")
+Usage: p = params.load("params.yaml", "seed", "model", "pretrain"); p.pretrain.lr
 """
 import difflib
 import math
 import re
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from stages.lib.cli import UserError
 
 
-class _Rule:
-    def __init__(self, check, text):
-        self.check, self.text = check, text
+class Rule:
+    """One check with the words a user reads when it fails ("must be ...")."""
+
+    def __init__(self, check, text, convert=None):
+        self.check, self.text, self.convert = check, text, convert
 
     def __call__(self, value):
         if not self.check(value):
             raise ValueError(self.text)
-        return value
+        return self.convert(value) if self.convert else value
 
 
 def _is_int(value):
@@ -31,46 +36,6 @@ def _is_number(value):
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def integer(low):
-    return _Rule(lambda v: _is_int(v) and v >= low, f"must be an integer >= {low}")
-
-
-def positive():
-    return _Rule(lambda v: _is_number(v) and v > 0, "must be a number > 0")
-
-
-def non_negative():
-    return _Rule(lambda v: _is_number(v) and v >= 0, "must be a number >= 0")
-
-
-def probability():
-    return _Rule(lambda v: _is_number(v) and 0 <= v <= 1, "must be a number in [0, 1]")
-
-
-def between(low, high):
-    return _Rule(lambda v: _is_number(v) and low <= v <= high, f"must be a number in [{low}, {high}]")
-
-
-def open_unit():
-    return _Rule(lambda v: _is_number(v) and 0 < v < 1, "must be a number in (0, 1)")
-
-
-def boolean():
-    return _Rule(lambda v: isinstance(v, bool), "must be true or false")
-
-
-def choice(*options):
-    return _Rule(lambda v: v in options, f"must be one of {', '.join(map(str, options))}")
-
-
-def text():
-    return _Rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string")
-
-
-def optional(rule):
-    return _Rule(lambda v: v is None or _passes(rule, v), f"must be null or {rule.text.removeprefix('must be ')}")
-
-
 def _passes(rule, value):
     try:
         rule(value)
@@ -79,113 +44,251 @@ def _passes(rule, value):
         return False
 
 
-def number_list(item_rule, what):
-    """A number or a non-empty list of distinct numbers; always returned as a list."""
-
-    def check(value):
-        items = value if isinstance(value, list) else [value]
-        return bool(items) and all(_passes(item_rule, v) for v in items) and len(set(items)) == len(items)
-
-    rule = _Rule(check, f"must be {what}, or a non-empty list of distinct such values")
-    return _Listify(rule)
+def _typed(kind, rule):
+    """A field type: `kind` for readers, checked by `rule` before pydantic sees the value."""
+    return Annotated[kind, BeforeValidator(rule)]
 
 
-class _Listify(_Rule):
-    def __init__(self, rule):
-        super().__init__(rule.check, rule.text)
-
-    def __call__(self, value):
-        super().__call__(value)
-        return value if isinstance(value, list) else [value]
+def Integer(low):  # noqa: N802 - a type
+    return _typed(int, Rule(lambda v: _is_int(v) and v >= low, f"must be an integer >= {low}"))
 
 
-def name_list(*options):
-    rule = _Rule(
-        lambda v: isinstance(v, list) and bool(v) and all(x in options for x in v) and len(set(v)) == len(v),
-        f"must be a non-empty list of distinct names from: {', '.join(options)}",
-    )
-    return rule
+def Between(low, high):  # noqa: N802
+    return _typed(float, Rule(lambda v: _is_number(v) and low <= v <= high, f"must be a number in [{low}, {high}]"))
 
 
-FRACTION = _Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+def Choice(*options):  # noqa: N802
+    return _typed(Literal[options], Rule(lambda v: v in options, f"must be one of {', '.join(map(str, options))}"))
 
-SCHEMA = {
-    "seed": integer(0),
-    "fraction": number_list(FRACTION, "a number in (0, 1]"),
-    "launch": text(),
-    "data": {
-        "source": text(),
-        "limit": optional(integer(10)),
-        "val_size": integer(10),
-    },
-    "model": {
-        "arch": choice("resnet18", "resnet34"),
-        "width": integer(4),
-    },
-    "pretrain": {
-        "epochs": integer(1),
-        "batch_size": integer(2),
-        "optimizer": choice("sgd", "lars"),
-        "lr": positive(),
-        "momentum": between(0, 0.999),
-        "weight_decay": non_negative(),
-        "warmup_epochs": integer(0),
-        "temperature": positive(),
-        "proj_hidden": integer(1),
-        "proj_dim": integer(1),
-        "knn_every": integer(1),
-        "knn_k": integer(1),
-        "knn_temperature": positive(),
-        "checkpoint_seconds": non_negative(),
-        "compile": boolean(),
-        "sync_batchnorm": boolean(),
-        "crop_scale_min": open_unit(),
-        "crop_ratio_max": between(1, 10),
-        "flip_p": probability(),
-        "jitter_p": probability(),
-        "brightness": between(0, 1),
-        "contrast": between(0, 1),
-        "saturation": between(0, 1),
-        "hue": between(0, 0.5),
-        "grayscale_p": probability(),
-    },
-    "finetune": {
-        "modes": name_list("baseline", "ssl", "linear"),
-        "seeds": number_list(integer(0), "an integer >= 0"),
-        "max_epochs": integer(1),
-        "batch_size": integer(1),
-        "lr": positive(),
-        "backbone_lr_scale": _Rule(lambda v: _is_number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
-        "head_epochs": integer(0),
-        "momentum": between(0, 0.999),
-        "weight_decay": non_negative(),
-        "warmup_epochs": integer(0),
-        "label_smoothing": between(0, 0.99),
-        "equal_steps": boolean(),
-        "crop_padding": integer(0),
-        "flip_p": probability(),
-        "checkpoint_seconds": non_negative(),
-        "compile": boolean(),
-        "sync_batchnorm": boolean(),
-    },
-    "evaluate": {
-        "convergence_tolerance": non_negative(),
-        "bootstrap_samples": integer(100),
-        "confidence": open_unit(),
-    },
-}
+
+def _optional(rule):
+    return Rule(lambda v: v is None or _passes(rule, v), f"must be null or {rule.text.removeprefix('must be ')}")
+
+
+def _distinct_list(item, what):
+    """A value or a non-empty list of distinct values passing `item`; always a list."""
+    items = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    return Rule(lambda v: bool(items(v)) and all(_passes(item, x) for x in items(v)) and len(set(items(v))) == len(items(v)),
+                f"must be {what}, or a non-empty list of distinct such values", items)
+
+
+_INT0 = Rule(lambda v: _is_int(v) and v >= 0, "")
+_FRACTION = Rule(lambda v: _is_number(v) and 0 < v <= 1, "")
+Positive = _typed(float, Rule(lambda v: _is_number(v) and v > 0, "must be a number > 0"))
+NonNegative = _typed(float, Rule(lambda v: _is_number(v) and v >= 0, "must be a number >= 0"))
+Probability = Between(0, 1)
+OpenUnit = _typed(float, Rule(lambda v: _is_number(v) and 0 < v < 1, "must be a number in (0, 1)"))
+UnitFraction = _typed(float, Rule(_FRACTION.check, "must be a number in (0, 1]"))
+Flag = _typed(bool, Rule(lambda v: isinstance(v, bool), "must be true or false"))
+Text = _typed(str, Rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string"))
+Fractions = _typed(list[float], _distinct_list(_FRACTION, "a number in (0, 1]"))
+Seeds = _typed(list[int], _distinct_list(_INT0, "an integer >= 0"))
+MODES = ("baseline", "ssl", "linear")
+Modes = _typed(list[str], Rule(lambda v: isinstance(v, list) and bool(v) and all(x in MODES for x in v)
+                               and len(set(v)) == len(v),
+                               f"must be a non-empty list of distinct names from: {', '.join(MODES)}"))
+
+
+class Section(BaseModel):
+    """A params section: its keys exactly, each typed and checked; read-only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Text
+    image_size: Integer(8)
+    test_fraction: OpenUnit
+    limit: _typed(Optional[int], _optional(Rule(lambda v: _is_int(v) and v >= 10, "an integer >= 10")))
+    val_size: Integer(10)
+
+
+class ModelParams(Section):
+    arch: Choice("resnet18", "resnet34")
+    width: Integer(4)
+    standard_stem_from: Integer(8)
+
+
+class SimCLRAugmentParams(Section):
+    """SimCLR's views, drawn as torchvision's transforms draw them (stages.lib.augment.SimCLRAugment)."""
+
+    crop_scale_min: OpenUnit
+    crop_ratio_max: Between(1, 10)
+    flip_p: Probability
+    jitter_p: Probability
+    brightness: Between(0, 1)
+    contrast: Between(0, 1)
+    saturation: Between(0, 1)
+    hue: Between(0, 0.5)
+    grayscale_p: Probability
+    blur_p: Probability
+    blur_from: Integer(1)
+    blur_sigma_min: Positive
+    blur_sigma_max: Positive
+
+    @model_validator(mode="after")
+    def _sigma_range(self):
+        if self.blur_sigma_min > self.blur_sigma_max:
+            raise ValueError(f"blur_sigma_min = {self.blur_sigma_min}: must not exceed blur_sigma_max = "
+                             f"{self.blur_sigma_max}")
+        return self
+
+
+class PretrainParams(Section):
+    method: Choice("simclr")
+    epochs: Integer(1)
+    batch_size: Integer(2)
+    optimizer: Choice("sgd", "lars")
+    lr: Positive
+    momentum: Between(0, 0.999)
+    weight_decay: NonNegative
+    warmup_epochs: Integer(0)
+    temperature: Positive
+    proj_hidden: Integer(1)
+    proj_dim: Integer(1)
+    knn_every: Integer(1)
+    knn_k: Integer(1)
+    knn_temperature: Positive
+    checkpoint_seconds: NonNegative
+    compile: Flag
+    sync_batchnorm: Flag
+    augment: SimCLRAugmentParams
+
+
+class SupervisedAugmentParams(Section):
+    """Fine-tuning's augmentation (stages.lib.augment.SupervisedAugment)."""
+
+    crop_padding: Integer(0)
+    flip_p: Probability
+
+
+class FinetuneParams(Section):
+    modes: Modes
+    seeds: Seeds
+    max_epochs: Integer(1)
+    batch_size: Integer(1)
+    lr: Positive
+    backbone_lr_scale: UnitFraction
+    head_epochs: Integer(0)
+    momentum: Between(0, 0.999)
+    weight_decay: NonNegative
+    warmup_epochs: Integer(0)
+    label_smoothing: Between(0, 0.99)
+    equal_steps: Flag
+    checkpoint_seconds: NonNegative
+    compile: Flag
+    sync_batchnorm: Flag
+    augment: SupervisedAugmentParams
+
+    @model_validator(mode="after")
+    def _backbone_trains(self):
+        if self.head_epochs >= self.max_epochs:
+            raise ValueError(f"head_epochs = {self.head_epochs}: must be below finetune.max_epochs = "
+                             f"{self.max_epochs} (the backbone would never train)")
+        return self
+
+
+class EvaluateParams(Section):
+    convergence_tolerance: NonNegative
+    bootstrap_samples: Integer(100)
+    confidence: OpenUnit
+
+
+class Params(Section):
+    """The sections a stage loaded (the others stay None: a stage reads only what dvc.yaml names)."""
+
+    seed: Optional[Integer(0)] = None
+    fraction: Optional[Fractions] = None
+    launch: Optional[Text] = None
+    data: Optional[DataParams] = None
+    model: Optional[ModelParams] = None
+    pretrain: Optional[PretrainParams] = None
+    finetune: Optional[FinetuneParams] = None
+    evaluate: Optional[EvaluateParams] = None
+
+    def as_dict(self):
+        """The loaded sections as plain data (for MLflow, fingerprints and weights files)."""
+        return self.model_dump(exclude_unset=True)
+
+
+SECTIONS = tuple(Params.model_fields)
 
 
 def load(path, *sections):
-    """Return {section: validated value} for the named top-level keys of params file `path`.
+    """The named top-level sections of params file `path`, typed and validated, as `Params`.
 
-    Every top-level key is checked against SCHEMA (a typo is reported by every stage);
-    the named sections are validated key by key.
+    Every top-level key is checked for typos (each stage reports one); the named sections are
+    checked key by key, and nested sections likewise.
     """
     path = Path(path)
     raw = _read(path)
-    _check_known(path, "", raw, SCHEMA)
-    return {name: _validate(path, name, raw, SCHEMA[name]) for name in sections}
+    _check_keys(path, "", raw, Params, required=False)
+    chosen = {}
+    for name in sections:
+        if name not in raw:
+            raise UserError(f"{path}: {name} is missing ({_expected(Params, name)})")
+        _check_value(path, name, raw[name], Params, name)
+        chosen[name] = raw[name]
+    try:
+        return Params.model_validate(chosen)
+    except ValidationError as error:
+        raise UserError(_first_error(path, error, chosen)) from None
+
+
+def _section_type(model, name):
+    """The Section class of field `name` of `model`, or None for a plain value."""
+    kind = model.model_fields[name].annotation
+    for candidate in (kind, *getattr(kind, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def _expected(model, name):
+    section = _section_type(model, name)
+    if section is not None:
+        return f"a section with keys {', '.join(section.model_fields)}"
+    for meta in model.model_fields[name].metadata:
+        if isinstance(meta, BeforeValidator):
+            return meta.func.text
+    kind = model.model_fields[name].annotation
+    return next(m.func.text for m in kind.__args__[0].__metadata__ if isinstance(m, BeforeValidator))
+
+
+def _check_keys(path, prefix, mapping, model, required=True):
+    """Unknown keys (with the closest known one) and, when required, missing keys of one section."""
+    fields = list(model.model_fields)
+    unknown = sorted(str(key) for key in mapping if key not in fields)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        raise UserError(f"{path}: {prefix}{unknown[0]}: unknown key{hint} (allowed: {', '.join(fields)})")
+    for name in fields if required else ():
+        if name not in mapping:
+            raise UserError(f"{path}: {prefix}{name} is missing ({_expected(model, name)})")
+        _check_value(path, f"{prefix}{name}", mapping[name], model, name)
+
+
+def _check_value(path, key, value, model, name):
+    section = _section_type(model, name)
+    if section is None:
+        return
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: {key} = {value!r}: must be {_expected(model, name)}")
+    _check_keys(path, f"{key}.", value, section)
+
+
+def _first_error(path, error, raw):
+    """One line for pydantic's first complaint: 'path: key = value: rule'."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
+    message = first["msg"].removeprefix("Value error, ")
+    node = raw
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):  # a check across a section's keys: its message starts with the key
+        return f"{path}: {'.'.join(loc)}.{message}"
+    return f"{path}: {'.'.join(loc)} = {node!r}: {message}"
 
 
 class _Loader(yaml.SafeLoader):
@@ -201,7 +304,7 @@ def _read(path):
     if not path.is_file():
         raise UserError(f"params file not found: {path}")
     try:
-        raw = yaml.load(path.read_bytes(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw: Any = yaml.load(path.read_bytes(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -209,46 +312,7 @@ def _read(path):
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if raw is None:
-        raise UserError(f"{path} is empty; it must hold the sections {', '.join(SCHEMA)}")
+        raise UserError(f"{path} is empty; it must hold the sections {', '.join(SECTIONS)}")
     if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of the sections {', '.join(SCHEMA)}, not a {type(raw).__name__}")
+        raise UserError(f"{path} must hold a mapping of the sections {', '.join(SECTIONS)}, not a {type(raw).__name__}")
     return raw
-
-
-def _check_known(path, prefix, mapping, schema):
-    unknown = sorted(str(key) for key in mapping if key not in schema)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(schema), n=1)
-        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        raise UserError(f"{path}: {prefix}{unknown[0]}: unknown key{hint} (allowed: {', '.join(schema)})")
-
-
-def _allowed(rule):
-    return rule.text if isinstance(rule, _Rule) else f"a section with keys {', '.join(rule)}"
-
-
-def _validate(path, key, parent, rule):
-    if key not in parent:
-        raise UserError(f"{path}: {key} is missing ({_allowed(rule)})")
-    value = parent[key]
-    if isinstance(rule, dict):
-        return _validate_section(path, key, value, rule)
-    try:
-        return rule(value)
-    except ValueError as error:
-        raise UserError(f"{path}: {key} = {value!r}: {error}") from None
-
-
-def _validate_section(path, name, value, schema):
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: {name} = {value!r}: must be {_allowed(schema)}")
-    _check_known(path, f"{name}.", value, schema)
-    result = {}
-    for key, rule in schema.items():
-        if key not in value:
-            raise UserError(f"{path}: {name}.{key} is missing ({_allowed(rule)})")
-        try:
-            result[key] = rule(value[key])
-        except ValueError as error:
-            raise UserError(f"{path}: {name}.{key} = {value[key]!r}: {error}") from None
-    return result

@@ -1,14 +1,15 @@
 """The study's markdown report (metrics/report.md), built only from the evaluate stage's inputs.
 
 Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
-{key: entry, "label_efficiency": {...}}, the data `meta`, the `devices` per mode, the
-`settings` (params section `evaluate`), optional SimCLR `pretrain` metrics and figure links.
+{key: entry, "label_efficiency": {...}}, the data's `facts`, the `devices` per mode, the
+`settings` (params' EvaluateParams), optional SimCLR `pretrain` metrics and figure links.
 Accuracies are fractions in the inputs and percentages in the text.
 """
 from stages.lib.plots import compared, mode_order, percent, points
 
-# Reference numbers reported by the seed project this study grew from (test accuracy, all
-# other numbers of it are unknown); shown beside ours, never used in any computation.
+# Reference numbers reported by the seed project this study grew from (test accuracy on CIFAR-10, all
+# other numbers of it are unknown); shown beside ours when the data is CIFAR-10 (a data set named
+# cifar10...), never used in any computation.
 SEED_PROJECT = {1.0: {"baseline": 0.714, "ssl": 0.396}, 0.1: {"baseline": 0.507, "ssl": 0.343}}
 NOT_REPORTED = "not reported"
 NOT_RUN = "not run"
@@ -113,8 +114,8 @@ def improvement_section(comparison, settings):
     title = "## Improvement analysis\n\n"
     if not pairs:
         return title + comparison.get("note", "No SSL / baseline pair to compare.")
-    level = f"{settings['confidence'] * 100:g}%"
-    alpha = f"{1 - settings['confidence']:.2g}"
+    level = f"{settings.confidence * 100:g}%"
+    alpha = f"{1 - settings.confidence:.2g}"
     rows = []
     for _, e in pairs:
         relative = NOT_RUN if e["relative"] is None else f"{100 * e['relative']:+.1f}%"
@@ -127,7 +128,7 @@ def improvement_section(comparison, settings):
     header = ["N", "Seeds", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
               "McNemar p per seed", "p over test images", "p across seeds", f"Significant (Holm p < {alpha})"]
     text = (f"SSL minus baseline test accuracy on the same test images, mean over the seeds both modes ran. "
-            f"The interval is a paired percentile bootstrap over test images ({settings['bootstrap_samples']:,} "
+            f"The interval is a paired percentile bootstrap over test images ({settings.bootstrap_samples:,} "
             f"resamples) that carries every seed's predictions for each resampled image: it is the interval of "
             f"the mean over seeds of d_i, SSL correct minus baseline correct on image i (not adjusted for "
             f"multiple comparisons). McNemar's test (exact binomial below 25 discordant pairs) is run per seed, "
@@ -142,7 +143,7 @@ def improvement_section(comparison, settings):
 
 def convergence_section(summary, comparison, settings):
     modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
-    tolerance = points(settings["convergence_tolerance"])
+    tolerance = points(settings.convergence_tolerance)
     rows = []
     for k in keys:
         row = [percent(fractions[k])]
@@ -220,14 +221,17 @@ def pretrain_section(pretrain):
     return "## SimCLR pretraining\n\n" + _table(["Quantity", "Value"], rows)
 
 
-def data_section(meta, devices):
-    counts = meta.get("counts", {})
-    lines = [f"- Data source: `{meta.get('source', NOT_REPORTED)}`",
-             f"- SHA-256 of the source: `{meta['sha256']}`" if meta.get("sha256")
-             else "- SHA-256 of the source: none recorded (not an archive file)"]
-    for split, per_class in counts.items():
+def data_section(facts, devices):
+    lines = [f"- Data: `{facts.name}` from `{facts.url or facts.source}`",
+             f"- SHA-256 of the source: `{facts.sha256}`" if facts.sha256
+             else "- SHA-256 of the source: none recorded (not an archive file)",
+             f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
+             f"{facts.test_split}"]
+    for split, per_class in facts.counts.items():
         lines.append(f"- {split} images: {sum(per_class.values())} in {len(per_class)} classes")
-    if "cifar10-jpeg" in str(meta.get("source", "")):
+    if facts.unlabeled:
+        lines.append(f"- unlabeled images (pretraining only): {facts.unlabeled}")
+    if "cifar10-jpeg" in facts.source:
         lines.append("- The images are a JPEG (quality 75) re-encoding of CIFAR-10, not the original PNG-exact "
                      "pixels, so accuracies run a little below those on canonical CIFAR-10.")
     for mode in mode_order(list(devices)):
@@ -241,19 +245,21 @@ def figures_section(figures):
     return "## Figures\n\n" + "\n\n".join(f"![{title}]({link})" for title, link in figures)
 
 
-def build(summary, comparison, meta, devices, settings, pretrain=None, figures=()):
-    """Return the report's markdown text. figures: [(title, link relative to the report)]."""
+def build(summary, comparison, facts, devices, settings, pretrain=None, figures=()):
+    """Return the report's markdown text. `facts`: the data's prepared.DataFacts; `settings`: params'
+    EvaluateParams; figures: [(title, link relative to the report)]."""
     seeds = max((e.get("seeds", 1) for cells in summary.values() for e in cells.values()), default=1)
-    intro = ("SimCLR-pretrained (`ssl`) vs randomly initialised (`baseline`) ResNet fine-tuning on CIFAR-10 "
+    intro = (f"SimCLR-pretrained (`ssl`) vs randomly initialised (`baseline`) ResNet fine-tuning on `{facts.name}` "
              "at several label fractions N. All numbers are test-set results of the best-validation weights, "
              "computed by the evaluate stage from the fine-tune outputs.")
     if seeds > 1:
         intro += " Where several seeds ran, values are mean ± standard deviation over seeds."
     sections = [
-        "# SimCLR vs supervised baseline on CIFAR-10", intro,
+        f"# SimCLR vs supervised baseline on {facts.name}", intro,
         experiments_section(summary), settings_section(summary), performance_section(summary),
         improvement_section(comparison, settings), convergence_section(summary, comparison, settings),
-        seed_project_section(summary), label_efficiency_section(comparison), pretrain_section(pretrain),
-        data_section(meta, devices), figures_section(figures),
+        seed_project_section(summary) if facts.name.startswith("cifar10") else "",
+        label_efficiency_section(comparison), pretrain_section(pretrain), data_section(facts, devices),
+        figures_section(figures),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

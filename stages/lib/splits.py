@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.cifar import allocate
+from stages.lib.prepared import allocate
 from stages.lib.cli import UserError
 from stages.lib.io import NUMPY_FILE_ERRORS
 

@@ -126,8 +126,9 @@ def _rounded(value, digits, seeds):
     return round(float(value), digits)
 
 
-def compare(cells, p):
+def compare(cells, settings, seed):
     """{key: SSL vs baseline on the seeds both ran, "label_efficiency": {...}}, or {"note"}.
+    `settings` is params' EvaluateParams; `seed` seeds the bootstrap.
 
     Per key (fraction) the entry of compare_pair, with each family of p-values (`p_images`,
     `p_seeds`) Holm-corrected across the compared fractions (`p_images_holm`, `p_seeds_holm`;
@@ -135,19 +136,19 @@ def compare(cells, p):
     paired seeds, else the one over test images; `significant` is its Holm p (`p_primary_holm`)
     below 1 - confidence. p-values keep 4 significant digits.
     """
-    groups, settings = _groups(cells), p["evaluate"]
+    groups = _groups(cells)
     keys = sorted({k for m, k in groups if m == "ssl" and ("baseline", k) in groups},
                   key=lambda k: -groups[("ssl", k)][0]["fraction"])
     raw = {}
     for key in keys:
-        entry = compare_pair(groups[("baseline", key)], groups[("ssl", key)], settings, p["seed"])
+        entry = compare_pair(groups[("baseline", key)], groups[("ssl", key)], settings, seed)
         if entry is not None:
             raw[key] = entry
     if not raw:
         return {"note": "No comparison: SSL and baseline fine-tuning results with a common fraction and seed are "
                         "both needed (set finetune.modes to include baseline and ssl)."}
     holm = {name: _holm_family(raw, name) for name in ("p_images", "p_seeds")}
-    comparison = {key: _with_holm(entry, holm["p_images"][key], holm["p_seeds"][key], settings["confidence"])
+    comparison = {key: _with_holm(entry, holm["p_images"][key], holm["p_seeds"][key], settings.confidence)
                   for key, entry in raw.items()}
     comparison["label_efficiency"] = efficiency(groups, [e["fraction"] for e in raw.values()])
     return comparison
@@ -174,8 +175,8 @@ def compare_pair(baseline, ssl, settings, seed):
     correct_b = np.stack([b["y_pred"] == b["y_true"] for b, _ in pairs])  # (seeds, test images)
     correct_s = np.stack([s["y_pred"] == s["y_true"] for _, s in pairs])
     accuracy_b, accuracy_s = correct_b.mean(axis=1), correct_s.mean(axis=1)  # (seeds,)
-    low, high = metrics.bootstrap_diff_ci(correct_s, correct_b, settings["bootstrap_samples"],
-                                          settings["confidence"], seed)
+    low, high = metrics.bootstrap_diff_ci(correct_s, correct_b, settings.bootstrap_samples,
+                                          settings.confidence, seed)
     p_images, images_test = metrics.images_test(correct_s, correct_b)
     across_seeds = len(pairs) >= MIN_SEEDS_FOR_SEEDS_TEST
     base, ours = float(accuracy_b.mean()), float(accuracy_s.mean())
@@ -183,13 +184,13 @@ def compare_pair(baseline, ssl, settings, seed):
         "fraction": ssl[0]["fraction"], "seeds": len(pairs), "test_images": int(correct_s.shape[1]),
         "baseline_accuracy": round(base, 4), "ssl_accuracy": round(ours, 4),
         "difference": round(ours - base, 4), "relative": round((ours - base) / base, 4) if base > 0 else None,
-        "ci_low": round(low, 4), "ci_high": round(high, 4), "confidence": settings["confidence"],
+        "ci_low": round(low, 4), "ci_high": round(high, 4), "confidence": settings.confidence,
         "mcnemar_p_per_seed": {str(s["seed"]): _p(metrics.mcnemar_p(cs, cb))
                                for (_, s), cs, cb in zip(pairs, correct_s, correct_b)},
         "images_test": images_test, "p_images": p_images,
         "seeds_test": metrics.SEEDS_TEST if across_seeds else None,
         "p_seeds": metrics.t_test_p(accuracy_s - accuracy_b) if across_seeds else None,
-        "convergence": _convergence(pairs, settings["convergence_tolerance"]),
+        "convergence": _convergence(pairs, settings.convergence_tolerance),
     }
 
 

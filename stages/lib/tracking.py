@@ -4,7 +4,7 @@ Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite stor
 its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
 (set by DVC, and pointing at the main repository even for queued experiments run in a
 temporary folder), else the git top level, else the current directory.
-Experiment: $MLFLOW_EXPERIMENT_NAME or 'simclr-cifar10', tagged as model training (EXPERIMENT_KIND).
+Experiment: $MLFLOW_EXPERIMENT_NAME or 'ssl-label-budget', tagged as model training (EXPERIMENT_KIND).
 Each run is tagged with its DVC stage, experiment and pipeline run (the `dvc` invocation that
 ran it: the runs table groups by `dvc.pipeline_run`), and logs the data set it read as an input.
 Several processes may share one SQLite store (parallel queued experiments): its creation
@@ -19,14 +19,13 @@ import time
 import warnings
 from pathlib import Path
 
+from stages.lib import prepared
 from stages.lib.cli import UserError, log
-from stages.lib.io import read_json
 
-DEFAULT_EXPERIMENT = "simclr-cifar10"
+DEFAULT_EXPERIMENT = "ssl-label-budget"
 # The experiment's kind for MLflow 3: model training, not GenAI (MLflow 3.17's UI picks its view with
 # the switch atop its sidebar, though: README, Tracking).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-TORCHVISION_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # what torchvision downloads
 
 
 def repo_root():
@@ -133,22 +132,18 @@ class Run:
 def dataset(data_dir, context, subset=None):
     """The prepared data in data_dir as a run input: {name, source, digest, context}.
 
-    Source and digest come from its meta.json (the source named in params, the prepared arrays'
-    SHA-256; the directory itself and MLflow's own digest when meta.json lacks them). `subset`,
-    (name, fingerprint of its indices), names the part a run trains on, e.g. ('n10', '3fa2...').
+    From its facts (meta.json): the data set's name (cifar10, ... or the local source's file or
+    folder name), where it came from (the download URL, or the local path) and the prepared arrays'
+    SHA-256. `subset`, (name, fingerprint of its indices), names the part a run trains on, e.g.
+    ('n10', '3fa2...').
     """
-    meta = read_json(Path(data_dir) / "meta.json", "data meta")
-    source = meta.get("source") or str(Path(data_dir).resolve())
-    if source == "torchvision":
-        source = TORCHVISION_URL
-    elif not Path(source).is_absolute():
-        source = str(repo_root() / source)
-    name, digest = "cifar10", meta.get("content_sha256")
+    facts = prepared.read_facts(data_dir)
+    name, source = facts.name, facts.url or str(repo_root() / facts.source)  # an absolute path stays as it is
+    digest = facts.content_sha256
     if subset is not None:
         name = f"{name}-{subset[0]}"
-        if digest:
-            digest = hashlib.sha256(f"{digest} {subset[1]}".encode()).hexdigest()
-    return {"name": name, "source": source, "digest": digest[:8] if digest else None, "context": context}
+        digest = hashlib.sha256(f"{digest} {subset[1]}".encode()).hexdigest()
+    return {"name": name, "source": source, "digest": digest[:8], "context": context}
 
 
 def pipeline_run():

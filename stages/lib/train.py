@@ -9,7 +9,6 @@ import time
 import torch
 
 from stages.lib import distributed
-from stages.lib.augment import normalize
 from stages.lib.cli import StageError, UserError, log
 from stages.lib.io import load_torch, remove, save_torch
 from stages.lib.progress import Progress
@@ -56,14 +55,15 @@ def autocast(device):
 
 
 @torch.no_grad()
-def infer(model, images, batch_size=1024):
+def infer(model, images, standardize, batch_size=1024):
     """Outputs of `model` in eval mode, float32 (N, ...), for uint8 images (N, 3, H, W) on its device,
-    `batch_size` at a time (a memory bound, not a setting: results do not depend on it)."""
+    standardized by `standardize` (augment.Standardize), `batch_size` at a time (a memory bound, not a
+    setting: results do not depend on it)."""
     was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = channels_last(normalize(images[start : start + batch_size]))
+        x = channels_last(standardize.images(images[start : start + batch_size]))
         with autocast(images.device):
             outputs.append(model(x).float())
     model.train(was_training)

@@ -1,0 +1,101 @@
+"""Self-supervised pretraining as a task for `train.run_epochs`, for any `Method`.
+
+All training images sit on the device as one uint8 tensor; a step indexes a batch, asks the
+method for its augmented views, runs backbone + the method's head on them, and minimises the
+method's loss. A monitor (e.g. `knn.KNNMonitor`) measures the backbone every `knn_every` epochs.
+A second method is one new module with a `Method` subclass (stages/lib/simclr.py is the first).
+"""
+import time
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from stages.lib import distributed, train
+from stages.lib.progress import format_seconds
+
+
+class Method(ABC):
+    """What a self-supervised method gives the pretraining task."""
+
+    name: str  # recorded as the weights' origin
+
+    @abstractmethod
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 (b, 3, H, W) -> the augmented, standardized views float32 (V * b, 3, H, W), view-major."""
+
+    @abstractmethod
+    def head(self, feature_dim: int) -> nn.Module:
+        """The module on top of the backbone during pretraining (discarded after): (n, feature_dim) -> (n, D)."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, local: int) -> torch.Tensor:
+        """Scalar loss of the head's outputs (V * local, D) for this process's `local` images."""
+
+    @property
+    @abstractmethod
+    def views_per_image(self) -> int:
+        """V: views of each image the network sees per step."""
+
+
+class Pretrainer(nn.Module):
+    """Backbone + the method's head: images (n, 3, H, W) -> head outputs (n, D)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class PretrainTask(train.Task):
+    """One pretraining run of `method` on `images` (uint8 (N, 3, H, W) on the device) from `backbone`.
+    `cfg` is params' PretrainParams; `monitor(backbone)` -> accuracy; `on_epoch(row)` logs each epoch."""
+
+    def __init__(self, method, images, backbone, monitor, cfg, seed, device, on_epoch):
+        self.method, self.images, self.monitor, self.cfg = method, images, monitor, cfg
+        self.seed, self.device, self.on_epoch = seed, device, on_epoch
+        self.batch = self.images_per_step = cfg.batch_size  # global: split evenly over the processes
+        self.local = distributed.per_rank_batch(self.batch, "pretrain.batch_size")
+        self.steps_per_epoch = len(images) // self.batch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.model = Pretrainer(backbone, method.head(backbone.feature_dim)).to(device)
+        self.compiled = train.prepare_model(self.model, device, cfg.compile, cfg.sync_batchnorm)
+        self.optimizer = train.make_optimizer(cfg.optimizer, train.param_groups(self.model, cfg.weight_decay),
+                                              cfg.lr, cfg.momentum)
+        self.generator = train.rank_generator(seed, device)  # each rank draws its own augmentations
+        self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
+        self.epoch_start = time.perf_counter()
+
+    def step(self, epoch, step):
+        if self.order_epoch != epoch:
+            self.order, self.order_epoch = train.epoch_order(len(self.images), self.seed, epoch, self.device), epoch
+            self.epoch_start = time.perf_counter()
+        global_step = epoch * self.steps_per_epoch + step
+        warmup = self.cfg.warmup_epochs * self.steps_per_epoch
+        train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.cfg.lr))
+        x = self.images[train.rank_batch(self.order, step, self.batch, self.local)]  # uint8 (b, 3, H, W)
+        views = train.channels_last(self.method.views(x, self.generator))  # (V * b, 3, H, W)
+        with train.autocast(self.device):
+            outputs = self.compiled(views)  # (V * b, D)
+        return train.optimize(self.optimizer, self.method.loss(outputs, self.local))
+
+    def end_epoch(self, epoch, mean_loss):
+        seconds = train.seconds_since(self.epoch_start, self.device)
+        self.train_seconds += seconds
+        last = epoch + 1 == self.cfg.epochs
+        due = (epoch + 1) % self.cfg.knn_every == 0 or last
+        knn = self.monitor(self.model.backbone) if due and distributed.is_main() else None
+        images_per_second = self.steps_per_epoch * self.batch / seconds
+        views_per_second = self.method.views_per_image * images_per_second  # what the network sees
+        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "knn_accuracy": knn, "seconds": seconds, "images_per_second": images_per_second,
+               "views_per_second": views_per_second}
+        self.history.append(row)
+        self.on_epoch(row)
+        eta = (self.cfg.epochs - epoch - 1) * self.train_seconds / len(self.history)
+        fields = {"views/s": f"{views_per_second:,.0f}"}
+        if knn is not None:
+            fields["kNN accuracy"] = knn
+        return {**fields, "ETA": format_seconds(eta)}

@@ -1,0 +1,365 @@
+"""Where the images come from: a named data set (downloaded by torchvision) or a local copy.
+
+data.source is one of DATASETS' names (cifar10, cifar100, stl10), or a path to a directory or a
+.tar/.tar.gz/.tgz/.zip archive laid out as
+  train/<class>/*  with optional  test/<class>/*   (possibly below one wrapping folder), or
+  <class>/*                                          (no train/ test/: a test set is held out).
+A class is a folder name; labels follow the sorted names (as torchvision's ImageFolder), so a
+copy of CIFAR-10 gives its official labels (its class order is alphabetical). Without a test
+split, a stratified, seeded `test_fraction` of each class's images becomes the test set.
+
+Every image becomes uint8 RGB of image_size x image_size:
+- any Pillow-readable file, first frame only; the EXIF orientation is applied;
+- any mode: 16-bit and 32-bit integer grayscale (I;16, I) is read as 0..65535, float (F) as
+  0..1; images with transparency (RGBA, LA, P with a transparent colour, ...) are composited
+  onto a white background; CMYK, palette, grayscale etc. are converted by Pillow;
+- any size: resized (bicubic, antialiased) so the shorter side is image_size, then centre-
+  cropped; an image already image_size x image_size keeps its exact pixels.
+Named data sets' arrays of another size (STL-10 is 96x96) are resized the same way.
+
+Adding a named data set is one function in DATASETS that returns a `Source`.
+"""
+import http.client
+import io
+import os
+import tarfile
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.lib.cli import UserError
+from stages.lib.prepared import SPLITS, sha256
+from stages.lib.progress import Progress
+
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Images read from a source: x uint8 (N, S, S, 3) RGB, y int64 (N,) indices into classes."""
+
+    train: tuple  # (x, y)
+    test: tuple  # (x, y)
+    classes: list  # class names; label i is classes[i]
+    unlabeled: np.ndarray | None = None  # x uint8 (M, S, S, 3) without labels (SimCLR only), or None
+    sha256: str | None = None  # of the archive file the images came from
+    url: str | None = None  # where a named data set was downloaded from
+    test_split: str = "official"  # how the test set was made
+
+
+def read_source(source, image_size, test_fraction, seed, download_dir):
+    """Read data.source (a name in DATASETS or a path) into a Source of image_size x image_size images."""
+    if source in DATASETS:
+        return DATASETS[source](image_size, Path(download_dir))
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"data.source: {path} does not exist (give one of {', '.join(DATASETS)}, "
+                        "or a path to a folder or archive of images)")
+    if path.is_dir():
+        return _read_local(_directory_files(path), str(path), image_size, test_fraction, seed)
+    if not path.name.lower().endswith(ARCHIVES):
+        raise UserError(f"data.source: {path} is not a directory or a {'/'.join(ARCHIVES)} archive")
+    found = _read_local(_archive_files(path), str(path), image_size, test_fraction, seed)
+    return replace(found, sha256=sha256(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named data sets, downloaded (and checksummed) by torchvision
+
+
+def _download(what, download_dir, dataset_class, **kwargs):
+    try:
+        return dataset_class(str(download_dir), download=True, **kwargs)
+    except (OSError, RuntimeError, http.client.HTTPException) as error:
+        raise UserError(
+            f"could not download {what} into {download_dir} ({type(error).__name__}: {error}); "
+            "without internet, set data.source in params.yaml to a local copy (a folder or .tar/.tar.gz/.zip "
+            "archive of train/<class>/ and test/<class>/ images), e.g. dvc exp run -S data.source=path/to/copy.tar.gz"
+        ) from None
+
+
+def _cifar10(image_size, download_dir):
+    """CIFAR-10: 50,000 train and 10,000 test images, 32x32, 10 classes."""
+    from torchvision.datasets import CIFAR10  # imported here: only this source needs it
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    arrays = {}
+    for split in SPLITS:
+        dataset = _download("CIFAR-10", download_dir, CIFAR10, train=split == "train")
+        if list(dataset.classes) != classes:
+            raise UserError(f"torchvision CIFAR-10 classes {dataset.classes} are not in CIFAR-10 label order "
+                            f"({', '.join(classes)}); check the torchvision version or set data.source")
+        arrays[split] = (fit_arrays(np.asarray(dataset.data, dtype=np.uint8), image_size),
+                         np.asarray(dataset.targets, dtype=np.int64))
+    return Source(train=arrays["train"], test=arrays["test"], classes=classes, url=CIFAR10.url)
+
+
+def _cifar100(image_size, download_dir):
+    """CIFAR-100: 50,000 train and 10,000 test images, 32x32, 100 (fine) classes."""
+    from torchvision.datasets import CIFAR100  # imported here: only this source needs it
+
+    arrays, classes = {}, None
+    for split in SPLITS:
+        dataset = _download("CIFAR-100", download_dir, CIFAR100, train=split == "train")
+        classes = list(dataset.classes)
+        arrays[split] = (fit_arrays(np.asarray(dataset.data, dtype=np.uint8), image_size),
+                         np.asarray(dataset.targets, dtype=np.int64))
+    return Source(train=arrays["train"], test=arrays["test"], classes=classes, url=CIFAR100.url)
+
+
+def _stl10(image_size, download_dir):
+    """STL-10: 5,000 train and 8,000 test labelled images and 100,000 unlabeled ones, 96x96, 10 classes."""
+    from torchvision.datasets import STL10  # imported here: only this source needs it
+
+    found = {}
+    for split in ("train", "test", "unlabeled"):
+        dataset = _download("STL-10", download_dir, STL10, split=split)
+        x = np.asarray(dataset.data, dtype=np.uint8).transpose(0, 2, 3, 1)  # (N, 3, 96, 96) -> (N, 96, 96, 3)
+        found[split] = (fit_arrays(x, image_size), np.asarray(dataset.labels, dtype=np.int64), dataset.classes)
+    return Source(train=found["train"][:2], test=found["test"][:2], classes=list(found["train"][2]),
+                  unlabeled=found["unlabeled"][0], url=STL10.url)
+
+
+DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100, "stl10": _stl10}
+
+
+# ---------------------------------------------------------------------------------------------
+# One image: any mode and size -> uint8 RGB (size, size, 3)
+
+
+def to_rgb(image):
+    """Any Pillow mode -> RGB; transparent pixels are composited onto white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        scale = 255.0 if image.mode == "F" else 255.0 / 65535.0  # F: 0..1; I;16 and I: 0..65535
+        levels = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255)
+        return Image.fromarray(levels.astype(np.uint8)).convert("RGB")  # (H, W) -> (H, W, 3)
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, WHITE)
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit(image, size):
+    """Resize so the shorter side is `size` (bicubic, antialiased), then centre-crop to size x size.
+    An image of size x size is returned as it is."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if resized != (width, height):
+        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def fit_arrays(x, size):
+    """uint8 (N, H, W, 3) -> (N, size, size, 3) by `fit` per image; the same array if already that size."""
+    if x.shape[1:3] == (size, size):
+        return np.ascontiguousarray(x)
+    out = np.empty((len(x), size, size, 3), dtype=np.uint8)
+    resize = lambda image: np.asarray(fit(Image.fromarray(np.ascontiguousarray(image)), size))  # noqa: E731
+    progress = Progress("resize", len(x), unit="img")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, image in enumerate(pool.map(resize, x, chunksize=256)):
+            out[i] = image
+            progress.update(i + 1)
+    return out
+
+
+def _decode(item, size):
+    """(name, read) -> uint8 (size, size, 3); an unreadable file is one line naming it."""
+    name, read = item
+    try:
+        with Image.open(io.BytesIO(read())) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+            return np.asarray(fit(to_rgb(upright), size), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not a readable image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"{name}: not a readable image ({error})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Local copies: a directory or an archive
+
+
+def _read_local(files, source, image_size, test_fraction, seed):
+    bases, tree, empty = _collect(files, source)
+    classes = _check_classes(source, bases, tree, empty)
+    train_items, y = _labelled(tree["train"], classes)
+    test_items, test_y = _labelled(tree.get("test", {}), classes)
+    if "test" not in tree:  # no test/ folder: hold some of each class's images out, before the slow decoding
+        keep, held = hold_out(y, test_fraction, seed, classes)
+    x, test_x = _decode_all([train_items, test_items], image_size)
+    if "test" in tree:
+        return Source(train=(x, y), test=(test_x, test_y), classes=classes, test_split="test/ folder")
+    how = f"held out {test_fraction * 100:g}% of the labelled images (stratified, seed {seed})"
+    return Source(train=(x[keep], y[keep]), test=(x[held], y[held]), classes=classes, test_split=how)
+
+
+def hold_out(y, test_fraction, seed, classes):
+    """(train indices, test indices), each sorted: round(test_fraction * n) of each class's n images,
+    drawn at random (seeded), for the test set; the rest for training."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label, name in enumerate(classes):
+        members = np.flatnonzero(y == label)
+        n_test = int(np.floor(len(members) * test_fraction + 0.5))
+        if n_test in (0, len(members)):
+            raise UserError(
+                f"class {name} has {len(members)} image(s): holding out data.test_fraction = {test_fraction} of "
+                f"them leaves no {'test' if n_test == 0 else 'training'} image; add images, change "
+                "data.test_fraction or give a test/<class>/ folder")
+        shuffled = rng.permutation(members)
+        test.append(shuffled[:n_test])
+        train.append(shuffled[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _directory_files(root):
+    """Yield (relative posix path, reader) for every file under root, sorted; reader None for a folder."""
+    for path in sorted(root.rglob("*")):
+        yield PurePosixPath(path.relative_to(root).as_posix()), (None if path.is_dir() else path.read_bytes)
+
+
+def _archive_files(path):
+    try:
+        if path.name.lower().endswith(".zip"):
+            yield from _zip_files(path)
+        else:
+            yield from _tar_files(path)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
+        raise UserError(f"data.source: {path} is truncated or not a valid archive ({detail})") from None
+
+
+def _tar_files(path):
+    with tarfile.open(path, "r:*") as archive:
+        for member in archive:
+            if member.isdir():
+                yield PurePosixPath(member.name), None
+            elif member.isfile():
+                data = archive.extractfile(member).read()
+                yield PurePosixPath(member.name), (lambda data=data: data)
+        # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
+        archive.fileobj.seek(archive.offset)
+        if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise tarfile.ReadError("it ends before its end-of-archive marker")
+
+
+def _zip_files(path):
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                yield PurePosixPath(info.filename), None
+            else:
+                data = archive.read(info)
+                yield PurePosixPath(info.filename), (lambda data=data: data)
+
+
+def _ignored(rel):
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+def _collect(files, source):
+    """Find the class folders: ({split: base folder}, {split: {class: [(name, read)]}}, {split: empty
+    class folders}); "test" only if the copy has a test/ folder. Files outside class folders are ignored."""
+    images, folders = [], set()
+    for rel, read in files:
+        if _ignored(rel):
+            continue
+        if read is None:
+            folders.add(rel.parts)
+        else:
+            images.append((rel.parts, read))
+    bases = _bases(images, folders, source)
+    tree = {split: _class_files(images, base, source) for split, base in bases.items()}
+    empty = {split: sorted({f[-1] for f in folders if f[:-1] == base} - set(tree[split]))
+             for split, base in bases.items()}
+    return bases, tree, empty
+
+
+def _bases(images, folders, source):
+    """{split: the folder (a tuple of parts) that holds its class folders}."""
+    roots = {parts[:-3] for parts, _ in images if len(parts) >= 3 and parts[-3] in SPLITS}
+    if len(roots) > 1:
+        places = ", ".join(sorted("/".join(root) or "." for root in roots))
+        raise UserError(f"{source}: several train/ and test/ folders found (in {places}); keep one tree")
+    if not roots and not images:
+        raise UserError(f"{source}: no images found (expected train/<class>/* with optional test/<class>/*, "
+                        "or <class>/* folders)")
+    if not roots:  # <class>/*, below the folder that holds every image
+        return {"train": tuple(os.path.commonprefix([parts[:-1] for parts, _ in images]))}
+    (root,) = roots  # train/<class>/* and maybe test/<class>/*, below root
+    present = {parts[len(root)] for parts, _ in images if parts[:len(root)] == root and len(parts) > len(root) + 1}
+    bases = {split: root + (split,) for split in SPLITS if split in present or root + (split,) in folders}
+    if "train" not in bases:
+        raise UserError(f"{source}: no train/<class>/ images found beside {'/'.join(root + ('test',))}/")
+    return bases
+
+
+def _class_files(images, base, source):
+    """{class: [(name, read)]} of the images in base/<class>/ (or deeper in it)."""
+    found = {}
+    for parts, read in images:
+        if len(parts) >= len(base) + 2 and parts[:len(base)] == base:
+            found.setdefault(parts[len(base)], []).append((f"{'/'.join(parts)} in {source}", read))
+    return found
+
+
+def _check_classes(source, bases, tree, empty):
+    """The sorted class names of the training images, which test/ (if any) must match."""
+    train, where = tree["train"], "/".join(bases["train"]) + "/" if bases["train"] else "the top folder"
+    if empty["train"]:
+        raise UserError(f"{source}: class folders without images in {where}: {', '.join(empty['train'])}")
+    if len(train) < 2:
+        found = f"only {len(train)} class ({', '.join(train)})" if train else "no class folders"
+        raise UserError(f"{source}: {found} in {where}; a classification data set needs at least 2 "
+                        "<class>/ folders of images")
+    classes = sorted(train)
+    if "test" in tree:
+        absent, extra = sorted(set(classes) - set(tree["test"])), sorted(set(tree["test"]) - set(classes))
+        blank = [name for name in absent if name in empty["test"]]
+        missing = [name for name in absent if name not in empty["test"]]
+        if absent or extra:
+            raise UserError(
+                f"{source}: test/ class folders differ from train/'s"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; empty: {', '.join(blank)}" if blank else "")
+                + (f"; unexpected: {', '.join(extra)}" if extra else "")
+            )
+    return classes
+
+
+def _labelled(per_class, classes):
+    """[(name, read)] sorted by class then name, and their labels int64 (N,)."""
+    items, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(per_class.get(name, []), key=lambda item: item[0])
+        items.extend(files)
+        labels.extend([label] * len(files))
+    return items, np.asarray(labels, dtype=np.int64)
+
+
+def _decode_all(item_lists, size):
+    """Decode lists of (name, read) on 4 threads -> one uint8 (N, size, size, 3) array per list."""
+    total = sum(len(items) for items in item_lists)
+    progress, done, arrays = Progress("decode", total, unit="img"), 0, []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for items in item_lists:
+            x = np.empty((len(items), size, size, 3), dtype=np.uint8)
+            for i, image in enumerate(pool.map(partial(_decode, size=size), items, chunksize=256)):
+                x[i] = image
+                done += 1
+                progress.update(done)
+            arrays.append(x)
+    return arrays
