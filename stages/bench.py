@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.lib import budget, params, train
+from stages.lib import budget, params, prepared, train
 from stages.lib.augment import Standardize, affine_crop_flip, color_jitter, jitter_order
 from stages.lib.cli import log, run_stage
 from stages.lib.io import write_json
@@ -30,10 +30,10 @@ from stages.lib.models import ResNet, stem_for
 from stages.lib.pretraining import PretrainTask
 from stages.lib.simclr import SimCLR
 
-TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR-10's splits, for the budget
-
 
 def add_arguments(parser):
+    parser.add_argument("--data", default="data/prepared",
+                        help="prepared data (dvc repro data): its image size and image counts size the budget")
     parser.add_argument("--images", type=int, help="images per epoch (default: 50,000 on CUDA, 2,048 on CPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per micro-benchmark")
     parser.add_argument("--evaluate-seconds", type=float, default=2.0,
@@ -139,7 +139,8 @@ def measure(task, cfg, device, repeats):
 
 def run(args):
     p = params.load(args.params, "fraction", "data", "model", "pretrain", "finetune")
-    cfg, size, device = p.pretrain.model_copy(update={"epochs": 1}), p.data.image_size, train.pick_device()
+    facts = prepared.read_facts(args.data)
+    cfg, size, device = p.pretrain.model_copy(update={"epochs": 1}), facts.image_size, train.pick_device()
     n = args.images or (50_000 if device.type == "cuda" else 2_048)
     train.setup(0, device)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
@@ -157,7 +158,7 @@ def run(args):
     results["stage start-up s"] = round(stage_start_seconds(device), 2)
     for key, value in results.items():
         print(f"{key:48s} {value:>14,}" if isinstance(value, (int, float)) else f"{key:48s} {value:>14}")
-    rows, total = budget.study_budget(rates_from(results, args.evaluate_seconds), study_from(p))
+    rows, total = budget.study_budget(rates_from(results, args.evaluate_seconds), study_from(p, facts))
     print(f"\nTime budget of the study in {args.params}, from these figures:\n\n{budget.format_budget(rows, total)}")
     if args.json:
         write_json(args.json, {**results, "budget": rows, "budget_total_s": round(total, 1)})
@@ -171,12 +172,13 @@ def rates_from(results, evaluate_seconds):
         checkpoint_s=results["checkpoint write s"], evaluate_s=evaluate_seconds)
 
 
-def study_from(p):
-    """The study params.yaml describes (CIFAR-10's 50,000 training images unless data.limit)."""
-    train_images = min(TRAIN_IMAGES, p.data.limit or TRAIN_IMAGES)
-    return budget.Study(source_images=TRAIN_IMAGES + TEST_IMAGES, train_images=train_images,
-                        test_images=TEST_IMAGES, val_images=p.data.val_size,
-                        fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
+def study_from(p, facts):
+    """The study params.yaml describes, on the prepared data's image counts (data.limit applied; the data
+    stage decodes the whole source before it subsets, so with a limit its decoding is undercounted)."""
+    counts = {split: sum(per_class.values()) for split, per_class in facts.counts.items()}
+    return budget.Study(source_images=counts["train"] + counts["test"] + facts.unlabeled,
+                        train_images=counts["train"], unlabeled_images=facts.unlabeled, test_images=counts["test"],
+                        val_images=p.data.val_size, fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
                         modes=len(p.finetune.modes), pretrain=p.pretrain, finetune=p.finetune)
 
 

@@ -99,8 +99,8 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
         f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags,
         data=tracking.dataset(args.data, "training", subset=(fraction_key(fraction), config["labeled"])))
     with distributed.main_only(mlflow_run) as mlrun:
-        task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, context["standardize"], seed, steps, device,
-                            on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
+        task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, context["standardize"], seed, steps,
+                            device, on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg.max_epochs, steps, checkpoint, cfg.checkpoint_seconds, f"{args.mode} {key}")
         y_pred = task.test_predictions(context["test_x"])
         test = classification_metrics(context["test_y"], y_pred, context["classes"])

@@ -12,7 +12,8 @@ FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, compi
 
 
 def test_budget_rows_are_worked_by_hand():
-    study = budget.Study(source_images=1200, train_images=1000, test_images=200, val_images=200, fractions=(1.0, 0.1), seeds=2,
+    study = budget.Study(source_images=1200, train_images=1000, unlabeled_images=0, test_images=200, val_images=200,
+                         fractions=(1.0, 0.1), seeds=2,
                          modes=2, pretrain=PRETRAIN, finetune=FINETUNE)
     rows, total = budget.study_budget(RATES, study)
     by_stage = {row["stage"]: row for row in rows}
@@ -33,7 +34,8 @@ def test_budget_rows_are_worked_by_hand():
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
-    study = budget.Study(1200, 1000, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False}))
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
+    study = budget.Study(1200, 1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100
@@ -42,11 +44,13 @@ def test_fewer_labels_train_fewer_steps_without_equal_steps():
 def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
     import json
 
-    from tests.conftest import run_module, write_params
+    from tests.conftest import run_module, save_data, synthetic_images, write_params
 
     params = write_params(tmp_path / "params.yaml", **{
-        "model.width": 4, "pretrain.batch_size": 16, "pretrain.compile": False, "pretrain.proj_hidden": 32})
-    result = run_module("stages.bench", "--params", params, "--images", "64", "--repeats", "1",
+        "model.width": 4, "pretrain.batch_size": 16, "pretrain.compile": False, "pretrain.proj_hidden": 32,
+        "data.val_size": 20})
+    data = save_data(tmp_path / "data", synthetic_images(10), synthetic_images(2))  # 100 train, 20 test images
+    result = run_module("stages.bench", "--params", params, "--data", data, "--images", "64", "--repeats", "1",
                         "--json", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "bench.json").read_text())
@@ -55,4 +59,5 @@ def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
         assert figures[key] > 0, key
     assert figures["epoch views/s"] == pytest.approx(2 * figures["epoch img/s"], rel=0.01)
     assert [row["stage"] for row in figures["budget"]][:3] == ["data", "split", "pretrain"]
+    assert figures["budget"][0]["images"] == 120  # the prepared data's images, not CIFAR-10's 60,000
     assert "| **whole study** |" in result.stdout

@@ -40,7 +40,8 @@ def pretrain_args(root, case, **params_edits):
     out = root / case
     return ["--params", path, "--data", root / "data", "--val", root / "splits/val.npy",
             "--out", out / "ssl.pt", out / "linear.pt", "--metrics", out / "pretrain.json",
-            "--curve", out / "pretrain.csv", "--knn-curve", out / "pretrain_knn.csv", "--checkpoint", out / "checkpoint.pt"]
+            "--curve", out / "pretrain.csv", "--knn-curve", out / "pretrain_knn.csv",
+            "--checkpoint", out / "checkpoint.pt"]
 
 
 def finetune_args(root, case, init, mode="ssl", **params_edits):

@@ -236,3 +236,15 @@ def test_baseline_only_has_no_comparison(tmp_path):
     assert headline["n10.json"] == {"accuracy": {"baseline": summary["baseline"]["n10"]["accuracy"]},
                                     "f1": {"baseline": summary["baseline"]["n10"]["f1"]}}
     assert headline["study.json"] == {"seconds": 3 * 12.5} and dvc_views.gain_rows(comparison) == []
+
+
+def test_many_classes_keep_the_sample_grid_readable(tmp_path):
+    """CIFAR-100: at most 20 class rows in the sample grid (a random 20), not 100."""
+    from stages.lib import plots
+
+    x, y = np.zeros((60, 8, 8, 3), np.uint8), np.repeat(np.arange(30), 2)
+    names = [f"class{i}" for i in range(30)]
+    plots.sample_grid(x, y, names, tmp_path / "thirty.png", seed=0)
+    plots.sample_grid(x[:20], y[:20], names[:10], tmp_path / "ten.png", seed=0)
+    with Image.open(tmp_path / "thirty.png") as thirty, Image.open(tmp_path / "ten.png") as ten:
+        assert thirty.height < 2.2 * ten.height  # 20 rows against 10; all 30 would be 2.9 times

@@ -100,7 +100,8 @@ def test_backbone_learning_rate_is_scaled(tmp_path):
 def test_cells_sharing_one_classifier_start_from_identical_weights(tmp_path):
     """One compiled classifier serves every cell of a process; each cell still starts afresh."""
     torch.manual_seed(0)
-    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar"), 1: ResNet("resnet18", 4, "cifar")}, "random", {})
+    backbones = {0: ResNet("resnet18", 4, "cifar"), 1: ResNet("resnet18", 4, "cifar")}
+    save_backbones(tmp_path / "baseline.pt", backbones, "random", {})
     saved = read_weights(tmp_path / "baseline.pt", "resnet18", 4, "cifar")
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 1})
 

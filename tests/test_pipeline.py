@@ -173,4 +173,4 @@ def assert_mlflow_inputs(project, runs):
             ((name, _, where),) = inputs
             assert name == "cifar-n" + {"1.0": "100", "0.5": "50", "0.1": "10"}[fraction] and source in where
         else:
-            assert [(name, code) for name, code, _ in inputs] == [("cifar", digest)], stage  # the source is cifar.tar.gz
+            assert [(name, code) for name, code, _ in inputs] == [("cifar", digest)], stage  # cifar.tar.gz

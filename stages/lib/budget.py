@@ -25,8 +25,9 @@ class Rates:
 class Study:
     """What a study processes: image counts from the data, settings from params.yaml."""
 
-    source_images: int  # images the data stage decodes: all of the source (data.limit subsets afterwards)
-    train_images: int  # training images (after data.limit)
+    source_images: int  # images the data stage decodes
+    train_images: int  # labeled training images (after data.limit)
+    unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
     test_images: int
     val_images: int
     fractions: tuple  # labeled fractions N
@@ -38,7 +39,7 @@ class Study:
 
 def _pretrain(rates, s):
     p = s.pretrain
-    steps = s.train_images // p.batch_size
+    steps = (s.train_images + s.unlabeled_images) // p.batch_size
     views = p.epochs * steps * p.batch_size * 2
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
     knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)

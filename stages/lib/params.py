@@ -68,7 +68,8 @@ def _optional(rule):
 def _distinct_list(item, what):
     """A value or a non-empty list of distinct values passing `item`; always a list."""
     items = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
-    return Rule(lambda v: bool(items(v)) and all(_passes(item, x) for x in items(v)) and len(set(items(v))) == len(items(v)),
+    return Rule(lambda v: bool(items(v)) and all(_passes(item, x) for x in items(v))
+                and len(set(items(v))) == len(items(v)),
                 f"must be {what}, or a non-empty list of distinct such values", items)
 
 

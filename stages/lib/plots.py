@@ -52,32 +52,36 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def sample_grid(x, y, classes, path, per_class=8, *, seed):
-    """A grid of training images: one row per class (name on the left), `per_class` columns.
+def sample_grid(x, y, classes, path, per_class=8, *, seed, max_rows=20):
+    """A grid of training images: one row per class (name on the left), `per_class` columns; with more
+    than `max_rows` classes, that many of them, drawn at random (a figure stays readable).
 
-    x: uint8 (N, H, W, 3); y: int (N,); classes: names by label; seed picks the images.
+    x: uint8 (N, H, W, 3); y: int (N,); classes: names by label; seed picks the classes and images.
     """
     rng = np.random.default_rng(seed)
+    labels = np.sort(rng.choice(len(classes), max_rows, replace=False)) if len(classes) > max_rows \
+        else np.arange(len(classes))
     height, width = x.shape[1:3]
     pad = 2
-    mosaic = np.full((len(classes) * (height + pad) + pad, per_class * (width + pad) + pad, 3), 255, np.uint8)
+    mosaic = np.full((len(labels) * (height + pad) + pad, per_class * (width + pad) + pad, 3), 255, np.uint8)
     shown = 0
-    for row in range(len(classes)):
-        members = np.flatnonzero(y == row)
+    for row, label in enumerate(labels):
+        members = np.flatnonzero(y == label)
         chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
         shown = max(shown, len(chosen))
         for col, index in enumerate(chosen):
             top, left = pad + row * (height + pad), pad + col * (width + pad)
             mosaic[top : top + height, left : left + width] = x[index]
-    fig, ax = plt.subplots(figsize=(1.0 * per_class + 1.6, 1.0 * len(classes) + 0.6))
+    fig, ax = plt.subplots(figsize=(1.0 * per_class + 1.6, 1.0 * len(labels) + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_yticks([pad + r * (height + pad) + height / 2 for r in range(len(classes))])
-    ax.set_yticklabels(classes, fontsize=11)
+    ax.set_yticks([pad + r * (height + pad) + height / 2 for r in range(len(labels))])
+    ax.set_yticklabels([classes[label] for label in labels], fontsize=11)
     ax.set_xticks([])
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(f"Training images, up to {shown} random per class", fontsize=12)
+    some = f" ({len(labels)} of {len(classes)} classes)" if len(labels) < len(classes) else ""
+    ax.set_title(f"Training images, up to {shown} random per class{some}", fontsize=12)
     _save(fig, path)
 
 
@@ -226,6 +230,9 @@ def accuracy_vs_fraction(summary, path):
     _save(fig, path)
 
 
+CONFUSION_NAMES = 20  # class names on a confusion matrix's axes up to this many classes
+
+
 def confusion_matrices(cells, classes, path):
     """Row-normalised confusion matrices in a grid: a row of panels per mode, a column per N."""
     modes = mode_order({c["mode"] for c in cells})
@@ -241,12 +248,12 @@ def confusion_matrices(cells, classes, path):
         rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
         ax.set_axis_on()
-        ticks = range(len(classes))
         row, col = modes.index(cell["mode"]), fractions.index(cell["fraction"])
-        ax.set_xticks(ticks)
-        ax.set_xticklabels(classes, rotation=90, fontsize=7)
-        ax.set_yticks(ticks)
-        ax.set_yticklabels(classes if col == 0 else [], fontsize=7)
+        named = len(classes) <= CONFUSION_NAMES  # beyond that, names would overlap: the matrix alone
+        ax.set_xticks(range(len(classes)) if named else [])
+        ax.set_xticklabels(classes if named else [], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)) if named else [])
+        ax.set_yticklabels(classes if named and col == 0 else [], fontsize=7)
         accuracy = np.trace(counts) / max(counts.sum(), 1)
         ax.set_title(f"{cell['mode']}, N = {percent(cell['fraction'])} (acc {100 * accuracy:.1f}%)", fontsize=9)
         if row == len(modes) - 1:

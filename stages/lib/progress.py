@@ -20,7 +20,7 @@ def format_seconds(seconds):
 
 
 def _field(name, value):
-    return f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+    return f"{name} {value:#.4g}" if isinstance(value, float) else f"{name} {value}"  # 5.000, not 5
 
 
 class Progress:
