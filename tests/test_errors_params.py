@@ -51,6 +51,8 @@ PARAM_CASES = [
     ("test-fraction-one", setter("data.test_fraction", 1.0), ["data.test_fraction = 1.0", "(0, 1)"]),
     ("method-unknown", setter("pretrain.method", "byol"), ["pretrain.method = 'byol'", "simclr"]),
     ("confidence-one", setter("evaluate.confidence", 1.0), ["evaluate.confidence = 1.0", "(0, 1)"]),
+    ("seed-empty", setter("seed", None), ["seed = None", "must be an integer >= 0"]),
+    ("section-empty", setter("evaluate", None), ["evaluate = None", "must be a section with keys convergence"]),
     ("section-typo", renamer("fraction", "fractions"), ["fractions: unknown key", "did you mean fraction?"]),
     ("top-level-extra", setter("learning_rate", 0.1), ["learning_rate: unknown key", "allowed: seed"]),
     ("key-typo", lambda raw: raw["pretrain"].update(epoch=raw["pretrain"].pop("epochs")),

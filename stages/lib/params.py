@@ -228,6 +228,9 @@ def load(path, *sections):
     for name in sections:
         if name not in raw:
             raise UserError(f"{path}: {name} is missing ({_expected(Params, name)})")
+        if raw[name] is None:  # Params' None means "not loaded", never a value
+            rule = _expected(Params, name)
+            raise UserError(f"{path}: {name} = None: {rule if rule.startswith('must') else 'must be ' + rule}")
         _check_value(path, name, raw[name], Params, name)
         chosen[name] = raw[name]
     try:
