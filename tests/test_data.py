@@ -52,7 +52,8 @@ def test_data_stage_writes_arrays_and_facts(tmp_path, synthetic_archive):
     assert x.shape == (100, 32, 32, 3) and np.bincount(y).tolist() == [10] * 10
     mean, std = prepared.channel_statistics([x])  # of the kept training images only
     assert facts.mean == tuple(round(v, 4) for v in mean) and facts.std == tuple(round(v, 4) for v in std)
-    assert facts.content_sha256 == prepared.content_digest({"train": (x, y), "test": prepared.load_prepared(out, "test")})
+    arrays = {"train": (x, y), "test": prepared.load_prepared(out, "test")}
+    assert facts.content_sha256 == prepared.content_digest(arrays)
     assert "decode" in result.stderr  # progress is shown
 
 
