@@ -19,7 +19,7 @@ def run(args):
         counts = {f"{split}_images": sum(n.values()) for split, n in facts.counts.items()}
         run.log_metrics({**counts, "unlabeled_images": facts.unlabeled})
         run.log_artifact(Path(args.out) / "meta.json")
-        run.log_dataset(tracking.dataset(args.out, "prepared"))
+        run.log_dataset(tracking.dataset(facts, "prepared"))
 
 
 def prepare(p, args):

@@ -45,10 +45,10 @@ def run(args):
     facts = prepared.read_facts(args.data)
     classes, tolerance = facts.classes, p.evaluate.convergence_tolerance
     cells = study.load_cells(args.finetune, args.curves, len(classes), tolerance)
-    x, y = prepared.load_prepared(args.data, "train")
+    x, y = prepared.load_prepared(args.data, "train", facts)
     pretrain = read_json(args.pretrain, "pretrain metrics") if Path(args.pretrain).is_file() else None
     metrics_dir, plots_dir = Path(args.metrics_dir), Path(args.plots_dir)
-    samples, data = Path(args.samples), tracking.dataset(args.data, "evaluation")
+    samples, data = Path(args.samples), tracking.dataset(facts, "evaluation")
     with removed_on_failure(*outputs(metrics_dir, plots_dir), samples), \
             tracking.stage_run("evaluate", p.as_dict(), data=data) as mlflow_run:
         summary, per_class = study.summarise(cells, classes)

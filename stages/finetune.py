@@ -61,14 +61,14 @@ def check_origin(path, origin, mode):
 
 def load_context(args, facts, device):
     """Everything the cells share, on the device: images, labels, validation and test sets."""
-    x, y = prepared.load_prepared(args.data, "train")
-    test_x, test_y = prepared.load_prepared(args.data, "test")
+    x, y = prepared.load_prepared(args.data, "train", facts)
+    test_x, test_y = prepared.load_prepared(args.data, "test", facts)
     val = load_split(args.splits, "val")
     images, labels = train.images_to_device(x, device), torch.from_numpy(y).to(device)
     val_t = torch.from_numpy(val).to(device)
     return {"images": images, "labels": labels, "val_x": images[val_t], "val_y": labels[val_t],
             "val_digest": train.fingerprint(val.tolist()), "pool": len(y) - len(val), "device": device,
-            "test_x": train.images_to_device(test_x, device), "test_y": test_y, "classes": len(facts.classes),
+            "test_x": train.images_to_device(test_x, device), "test_y": test_y, "facts": facts,
             "standardize": Standardize(facts.mean, facts.std)}
 
 
@@ -97,13 +97,13 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     run_params = {**p.as_dict(), "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}
     mlflow_run = tracking.stage_run(
         f"finetune@{args.mode}", run_params, run_name=f"{args.mode}-{key}", tags=tags,
-        data=tracking.dataset(args.data, "training", subset=(fraction_key(fraction), config["labeled"])))
+        data=tracking.dataset(context["facts"], "training", subset=(fraction_key(fraction), config["labeled"])))
     with distributed.main_only(mlflow_run) as mlrun:
         task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, context["standardize"], seed, steps,
                             device, on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
         train.run_epochs(task, cfg.max_epochs, steps, checkpoint, cfg.checkpoint_seconds, f"{args.mode} {key}")
         y_pred = task.test_predictions(context["test_x"])
-        test = classification_metrics(context["test_y"], y_pred, context["classes"])
+        test = classification_metrics(context["test_y"], y_pred, len(context["facts"].classes))
         mlrun.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float)})
         result = {"mode": args.mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
                   "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),

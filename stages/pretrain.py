@@ -33,8 +33,8 @@ def add_arguments(parser):
 def run(args):
     p = params.load(args.params, "seed", "model", "pretrain")
     cfg, facts = p.pretrain, prepared.read_facts(args.data)
-    x, y = prepared.load_prepared(args.data, "train")
-    unlabeled = prepared.load_prepared(args.data, "unlabeled") if facts.unlabeled else x[:0]
+    x, y = prepared.load_prepared(args.data, "train", facts)
+    unlabeled = prepared.load_prepared(args.data, "unlabeled", facts)  # (0, S, S, 3) for most data
     val = load_split(Path(args.val).parent, Path(args.val).stem)
     if cfg.batch_size > len(x) + len(unlabeled):
         raise UserError(f"{args.params}: pretrain.batch_size = {cfg.batch_size}: above the "
@@ -52,7 +52,7 @@ def run(args):
         f"{distributed.world()} x {train.device_name(device)}, {p.model.arch} width {p.model.width}, {stem} stem")
     mlflow_run = tracking.stage_run("pretrain", p.as_dict(), tags={"device": train.device_name(device),
                                                                   "processes": str(distributed.world())},
-                                    data=tracking.dataset(args.data, "training"))
+                                    data=tracking.dataset(facts, "training"))
     outputs = (*args.out, args.metrics, args.curve, args.knn_curve)
     with removed_on_failure(*outputs), distributed.main_only(mlflow_run) as mlrun:
         backbone = ResNet(p.model.arch, p.model.width, stem)

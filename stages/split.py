@@ -12,9 +12,10 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "fraction", "data")
-    _, y = prepared.load_prepared(args.data, "train")
+    facts = prepared.read_facts(args.data)
+    _, y = prepared.load_prepared(args.data, "train", facts)
     val, labeled = splits.make_splits(y, p.data.val_size, p.fraction, p.seed)
-    data = tracking.dataset(args.data, "split")
+    data = tracking.dataset(facts, "split")
     with removed_on_failure(args.out), tracking.stage_run("split", p.as_dict(), data=data) as run:
         with atomic_path(args.out) as tmp:
             splits.save_splits(tmp, val, labeled)

@@ -51,6 +51,13 @@ def save_data(root, train, test, source="synthetic", sha256=None):
     return Path(root)
 
 
+def prepared_split(data_dir, split):
+    """A split of the prepared data in data_dir, as a stage loads it (its facts read first)."""
+    from stages.lib import prepared
+
+    return prepared.load_prepared(data_dir, split, prepared.read_facts(data_dir))
+
+
 def png_bytes(array):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

@@ -10,7 +10,7 @@ import pytest
 from stages import data
 from stages.lib import params, prepared, sources
 from stages.lib.cli import UserError
-from tests.conftest import CLASSES, SHARED_ARCHIVE, make_archive, run_module, write_params, write_tree
+from tests.conftest import CLASSES, SHARED_ARCHIVE, make_archive, prepared_split, run_module, write_params, write_tree
 
 
 @pytest.fixture
@@ -48,11 +48,11 @@ def test_data_stage_writes_arrays_and_facts(tmp_path, synthetic_archive):
     assert facts.test_split == "test/ folder" and facts.limit == 100
     assert facts.counts["train"] == {name: 10 for name in CLASSES}  # limit 100, stratified
     assert facts.counts["test"] == {name: 10 for name in CLASSES}  # test always whole
-    x, y = prepared.load_prepared(out, "train")
+    x, y = prepared_split(out, "train")
     assert x.shape == (100, 32, 32, 3) and np.bincount(y).tolist() == [10] * 10
     mean, std = prepared.channel_statistics([x])  # of the kept training images only
     assert facts.mean == tuple(round(v, 4) for v in mean) and facts.std == tuple(round(v, 4) for v in std)
-    arrays = {"train": (x, y), "test": prepared.load_prepared(out, "test")}
+    arrays = {"train": (x, y), "test": prepared_split(out, "test")}
     assert facts.content_sha256 == prepared.content_digest(arrays)
     assert "decode" in result.stderr  # progress is shown
 
@@ -68,8 +68,8 @@ def test_data_stage_resizes_and_holds_out_a_test_set(tmp_path):
     facts = prepared.read_facts(out)
     assert facts.image_size == 40 and facts.test_split == "held out 40% of the labelled images (stratified, seed 3)"
     assert facts.counts == {"train": {name: 3 for name in CLASSES}, "test": {name: 2 for name in CLASSES}}
-    assert prepared.load_prepared(out, "train")[0].shape == (30, 40, 40, 3)
-    assert prepared.load_prepared(out, "test")[0].shape == (20, 40, 40, 3)
+    assert prepared_split(out, "train")[0].shape == (30, 40, 40, 3)
+    assert prepared_split(out, "test")[0].shape == (20, 40, 40, 3)
 
 
 class FakeSTL10:
@@ -95,8 +95,8 @@ def test_data_limit_caps_unlabeled_images_which_join_the_statistics(tmp_path, mo
     facts = data.prepare(p, args)
     assert facts == prepared.read_facts(args.out) and facts.url == FakeSTL10.url and facts.unlabeled == 10
     assert facts.counts["train"] == {"airplane": 5, "bird": 5} and facts.image_size == 32
-    x, _ = prepared.load_prepared(args.out, "train")
-    unlabeled = prepared.load_prepared(args.out, "unlabeled")
+    x, _ = prepared_split(args.out, "train")
+    unlabeled = prepared_split(args.out, "unlabeled")
     assert unlabeled.shape == (10, 32, 32, 3)
     mean, _ = prepared.channel_statistics([x, unlabeled])
     assert facts.mean == tuple(round(v, 4) for v in mean) and facts.mean[1] > 0.3  # the level-200 images count
@@ -132,7 +132,7 @@ def test_prepared_data_loads_fast(tmp_path):
     arrays = {"train": (x, np.arange(50000) % 10), "test": (x[:10], np.arange(10))}
     prepared.save_prepared(tmp_path, arrays, prepared.data_facts(arrays, CLASSES, source="random"))
     start = time.perf_counter()
-    loaded, _ = prepared.load_prepared(tmp_path, "train")
+    loaded, _ = prepared_split(tmp_path, "train")
     assert time.perf_counter() - start < 2.0 and loaded.shape == x.shape
 
 
@@ -150,5 +150,5 @@ def test_shared_archive_prepares_to_full_cifar10(tmp_path):
     # CIFAR-10's published training-set statistics; the JPEG copy's are within 0.01.
     np.testing.assert_allclose(facts.mean, (0.4914, 0.4822, 0.4465), atol=0.01)
     np.testing.assert_allclose(facts.std, (0.2470, 0.2435, 0.2616), atol=0.01)
-    assert prepared.load_prepared(out, "train")[0].shape == (50000, 32, 32, 3)
-    assert prepared.load_prepared(out, "test")[0].shape == (10000, 32, 32, 3)
+    assert prepared_split(out, "train")[0].shape == (50000, 32, 32, 3)
+    assert prepared_split(out, "test")[0].shape == (10000, 32, 32, 3)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import prepared, study, train
+from stages.lib import study, train
 from stages.lib.cli import StageError, UserError, run_stage
 from stages.lib.io import atomic_path, removed_on_failure
 from stages.lib.models import load_backbone
-from tests.conftest import save_data, synthetic_images
+from tests.conftest import prepared_split, save_data, synthetic_images
 from tests.faults import (
     last_line, npy_bytes, npz_bytes,
 )
@@ -65,7 +65,7 @@ def test_bad_prepared_data_is_named(tmp_path, content):
     save_data(tmp_path, synthetic_images(1), synthetic_images(1))
     (tmp_path / "train.npz").write_bytes(content())
     with pytest.raises(UserError, match=f"{tmp_path / 'train.npz'}.*rerun: dvc repro -f data"):
-        prepared.load_prepared(tmp_path, "train")
+        prepared_split(tmp_path, "train")
 
 
 def test_bad_fine_tune_results_are_named(tmp_path):

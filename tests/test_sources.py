@@ -9,6 +9,7 @@ from PIL import Image
 
 from stages.lib import prepared, sources
 from stages.lib.cli import UserError
+from tests.conftest import prepared_split
 
 
 def encode(image, fmt, **options):
@@ -257,10 +258,10 @@ def test_prepared_data_round_trips_with_its_facts(tmp_path):
     assert facts.counts == {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1, "b": 1, "c": 1}}
     mean, _ = prepared.channel_statistics([arrays["train"][0], unlabeled])  # train and unlabeled images
     assert facts.mean == tuple(round(v, 4) for v in mean)
-    np.testing.assert_array_equal(prepared.load_prepared(tmp_path / "with", "unlabeled"), unlabeled)
-    np.testing.assert_array_equal(prepared.load_prepared(tmp_path / "with", "test")[0], arrays["test"][0])
+    np.testing.assert_array_equal(prepared_split(tmp_path / "with", "unlabeled"), unlabeled)
+    np.testing.assert_array_equal(prepared_split(tmp_path / "with", "test")[0], arrays["test"][0])
     small_prepared(tmp_path / "without")
-    assert prepared.load_prepared(tmp_path / "without", "unlabeled").shape == (0, 8, 8, 3)
+    assert prepared_split(tmp_path / "without", "unlabeled").shape == (0, 8, 8, 3)
 
 
 @pytest.mark.parametrize("content, culprit", [
@@ -296,5 +297,5 @@ def test_prepared_images_of_another_size_than_the_facts_say_are_refused(tmp_path
     small_prepared(tmp_path)
     np.savez(tmp_path / "train.npz", x=np.zeros((6, 9, 9, 3), np.uint8), y=np.zeros(6, np.int64))
     with pytest.raises(UserError) as error:
-        prepared.load_prepared(tmp_path, "train")
+        prepared_split(tmp_path, "train")
     assert "(6, 8, 8, 3)" in str(error.value) and str(error.value).endswith("rerun: dvc repro -f data")

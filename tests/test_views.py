@@ -38,14 +38,15 @@ def test_the_data_set_is_the_runs_input(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_STAGE", raising=False)
     data = save_data(tmp_path / "data", synthetic_images(2), synthetic_images(1), source="copies/cifar10.tar.gz")
     digest = json.loads((data / "meta.json").read_text())["content_sha256"]
-    whole, part = tracking.dataset(data, "training"), tracking.dataset(data, "training", subset=("n10", "f00d"))
+    facts = prepared.read_facts(data)
+    whole, part = tracking.dataset(facts, "training"), tracking.dataset(facts, "training", subset=("n10", "f00d"))
     assert whole == {"name": "cifar10", "source": str(tmp_path / "copies/cifar10.tar.gz"), "digest": digest[:8],
                      "context": "training"}
     assert part["name"] == "cifar10-n10" and len(part["digest"]) == 8 and part["digest"] != whole["digest"]
     url = "https://example.org/cifar-100-python.tar.gz"
     facts = prepared.data_facts({"train": synthetic_images(2), "test": synthetic_images(1)}, CLASSES, "cifar100", url)
     prepared.save_prepared(tmp_path / "x", {"train": synthetic_images(2), "test": synthetic_images(1)}, facts)
-    official = tracking.dataset(tmp_path / "x", "evaluation")
+    official = tracking.dataset(prepared.read_facts(tmp_path / "x"), "evaluation")
     assert (official["name"], official["source"]) == ("cifar100", url)
     with tracking.stage_run("finetune@ssl", {"seed": 0}, run_name="ssl-n10_s0", data=part) as run:
         run_id = run.run_id

@@ -52,7 +52,6 @@ class DataFacts(BaseModel):
             raise ValueError(f"std must be > 0 in every channel, not {self.std}")
         return self
 
-
     @property
     def name(self):
         """The data set's short name: the named source (cifar10, ...), else the local file's or folder's
@@ -105,10 +104,10 @@ def save_prepared(out_dir, arrays, meta):
     (out_dir / "meta.json").write_text(meta.model_dump_json(indent=2) + "\n")
 
 
-def load_prepared(data_dir, split):
+def load_prepared(data_dir, split, facts):
     """train/test: (x uint8 (N, S, S, 3), y int64 (N,)); unlabeled: x uint8 (M, S, S, 3), empty
-    (0, S, S, 3) when the data has no unlabeled images. S is meta.json's image_size."""
-    facts = read_facts(data_dir)
+    (0, S, S, 3) when the data has no unlabeled images. S and the classes come from `facts`, the
+    data's DataFacts (`read_facts`), which the caller reads once."""
     size = facts.image_size
     path = Path(data_dir) / f"{split}.npz"
     if split == "unlabeled":

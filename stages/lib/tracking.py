@@ -19,7 +19,6 @@ import time
 import warnings
 from pathlib import Path
 
-from stages.lib import prepared
 from stages.lib.cli import UserError, log
 
 DEFAULT_EXPERIMENT = "ssl-label-budget"
@@ -129,15 +128,13 @@ class Run:
         _retry(lambda: self._mlflow.log_input(dataset, context=data["context"]), "log input")
 
 
-def dataset(data_dir, context, subset=None):
-    """The prepared data in data_dir as a run input: {name, source, digest, context}.
-
-    From its facts (meta.json): the data set's name (cifar10, ... or the local source's file or
-    folder name), where it came from (the download URL, or the local path) and the prepared arrays'
+def dataset(facts, context, subset=None):
+    """The prepared data as a run input: {name, source, digest, context}, from its facts
+    (prepared.DataFacts): the data set's name (cifar10, ... or the local source's file or folder
+    name), where it came from (the download URL, or the local path) and the prepared arrays'
     SHA-256. `subset`, (name, fingerprint of its indices), names the part a run trains on, e.g.
     ('n10', '3fa2...').
     """
-    facts = prepared.read_facts(data_dir)
     name, source = facts.name, facts.url or str(repo_root() / facts.source)  # an absolute path stays as it is
     digest = facts.content_sha256
     if subset is not None:
