@@ -112,7 +112,7 @@ def measure(task, cfg, device, repeats):
     x = task.images[:batch].float() / 255.0
     for name, fn in augmentation_ops(task, x, task.generator).items():
         results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
-    views = task.method.views(task.images[:batch], task.generator)  # (2B, 3, H, W)
+    views = task.method.views(task.images[:batch], task.generator)  # (V * B, 3, H, W)
 
     def train_step():
         with train.autocast(device):
@@ -126,7 +126,7 @@ def measure(task, cfg, device, repeats):
     train_step()  # the first call compiles when compile is on
     sync(device)
     results["first step (compile) s"] = round(time.perf_counter() - start, 2)
-    results["train step views/s"] = round(2 * batch / timed(train_step, repeats, device))
+    results["train step views/s"] = round(len(views) / timed(train_step, repeats, device))
     results.update(full_epoch(task, device))
     results["inference img/s"] = round(len(task.images) / timed(
         lambda: train.infer(task.model.backbone, task.images, task.method.augment.standardize), max(1, repeats // 5),
@@ -192,9 +192,9 @@ def full_epoch(task, device):
         task.step(0, step)
     sync(device)
     seconds = time.perf_counter() - start
-    images = task.steps_per_epoch * task.batch
+    images = task.steps_per_epoch * task.images_per_step
     return {"epoch seconds": round(seconds, 3), "epoch img/s": round(images / seconds),
-            "epoch views/s": round(2 * images / seconds),
+            "epoch views/s": round(task.method.views_per_image * images / seconds),
             "seconds per 50,000-image epoch": round(50_000 / (images / seconds), 3)}
 
 

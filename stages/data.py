@@ -31,12 +31,10 @@ def prepare(p, args):
     found = sources.read_source(where, data.image_size, data.test_fraction, p.seed, Path(args.download_dir))
     x, y = found.train
     keep = prepared.stratified_subset(y, data.limit, p.seed)
-    arrays = {"train": (x[keep], y[keep]), "test": found.test}
-    if found.unlabeled is not None:  # indexed only under a limit: STL-10's 100,000 images are 2.8 GB
-        unlabeled = found.unlabeled
-        if data.limit is not None and data.limit < len(unlabeled):
-            unlabeled = unlabeled[prepared.random_subset(len(unlabeled), data.limit, p.seed)]
-        arrays["unlabeled"] = unlabeled
+    arrays = {"train": (prepared.subset(x, keep), prepared.subset(y, keep)), "test": found.test}
+    if found.unlabeled is not None:
+        pick = prepared.random_subset(len(found.unlabeled), data.limit, p.seed)
+        arrays["unlabeled"] = prepared.subset(found.unlabeled, pick)
     facts = prepared.data_facts(arrays, found.classes, source=data.source, url=found.url, sha256=found.sha256,
                                 test_split=found.test_split, limit=data.limit)
     with atomic_path(args.out) as tmp:

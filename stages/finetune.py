@@ -15,10 +15,11 @@ from stages.lib import distributed, params, prepared, train, tracking
 from stages.lib.augment import Standardize
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.finetuning import FinetuneTask, build_classifier
-from stages.lib.io import atomic_path, read_json, write_csv, write_json
+from stages.lib.io import atomic_path, read_json, sha256, write_csv, write_json
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import ResNet, load_into, read_weights, stem_for
 from stages.lib.splits import fraction_key, load_split
+
 
 def add_arguments(parser):
     parser.add_argument("--mode", required=True, choices=params.MODES, help="fine-tuning mode")
@@ -40,7 +41,7 @@ def run(args):
     train.setup(p.seed, device)
     context = load_context(args, facts, device)
     backbone = ResNet(p.model.arch, p.model.width, stem)
-    context.update(saved=saved, init_digest=prepared.sha256(args.init),
+    context.update(saved=saved, init_digest=sha256(args.init),
                    classifier=build_classifier(backbone, len(facts.classes), args.mode, p.finetune, device))
     work, cells = Path(args.work), [(f, s) for f in p.fraction for s in p.finetune.seeds]
     for fraction, seed in cells:

@@ -81,7 +81,7 @@ def knn_monitor(images, labels, val, facts, standardize, cfg):
 def write_outputs(args, p, task, device):
     history = task.history
     last_knn = next(row["knn_accuracy"] for row in reversed(history) if row["knn_accuracy"] is not None)
-    images, views = len(history) * task.steps_per_epoch * task.batch, task.method.views_per_image
+    images, views = len(history) * task.steps_per_epoch * task.images_per_step, task.method.views_per_image
     summary = {
         "loss": round(history[-1]["loss"], 4),
         "knn_accuracy": round(last_knn, 4),

@@ -77,8 +77,11 @@ def test_color_jitter_applies_each_samples_own_order():
             expected = augment._jitter_op(name, expected, factors[name][:1]).clamp(0, 1)
         torch.testing.assert_close(out[b : b + 1], expected)
     torch.testing.assert_close(out[7], x[7])  # jitter off: unchanged
-    # The order matters: brightness then contrast is not contrast then brightness.
+    # Several orders were drawn, and the order matters: brightness then contrast is not contrast then brightness.
     assert len({tuple(row) for row in order[:7].tolist()}) > 1
+    b, c = (lambda y: augment._jitter_op("brightness", y, factors["brightness"][:1]),
+            lambda y: augment._jitter_op("contrast", y, factors["contrast"][:1]))
+    assert not torch.allclose(c(b(x[:1])), b(c(x[:1])))
 
 
 @pytest.mark.parametrize("size, kernel", [(32, 3), (48, 5), (64, 7), (96, 9), (224, 23)])
@@ -154,14 +157,15 @@ def test_random_blur_off_draws_nothing_and_on_blurs_all():
 
 
 def test_random_blur_reads_nothing_back_to_the_host(monkeypatch):
-    """No tensor is turned into a Python value (a host sync on the GPU). kornia's gaussian_blur2d would:
-    it checks a tensor sigma with bool(), which this test catches."""
+    """No tensor is read back to the host as a Python value, by nonzero(), .cpu() or .numpy() (each a host
+    sync on the GPU). kornia's gaussian_blur2d would: it checks a tensor sigma with bool(), which this test
+    catches."""
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host")
 
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     generator = torch.Generator().manual_seed(9)
-    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     with pytest.raises(AssertionError, match="read on the host"):
         kornia.filters.gaussian_blur2d(x, 3, torch.ones(8, 2))

@@ -1,16 +1,15 @@
 """The data stage: every source kind loads to the right arrays, labels and meta.json (the data facts)."""
 import argparse
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
 
 from stages import data
-from stages.lib import params, prepared, sources
+from stages.lib import io, params, prepared, sources
 from stages.lib.cli import UserError
-from tests.conftest import CLASSES, SHARED_ARCHIVE, make_archive, prepared_split, run_module, write_params, write_tree
+from tests.conftest import (CLASSES, SHARED_ARCHIVE, make_archive, prepared_split, run_module, save_data, write_params,
+                            write_tree)
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def test_sources_load_exact_pixels_and_labels(tmp_path, tree, kind):
         np.testing.assert_array_equal(x, expected[split][0])  # PNG is lossless, and 32x32 is not resized
     assert (found.sha256 is None) == (kind == "dir")
     if found.sha256:
-        assert found.sha256 == prepared.sha256(source)
+        assert found.sha256 == io.sha256(source)
 
 
 def test_data_stage_writes_arrays_and_facts(tmp_path, synthetic_archive):
@@ -43,7 +42,7 @@ def test_data_stage_writes_arrays_and_facts(tmp_path, synthetic_archive):
     assert result.returncode == 0, result.stderr
     facts = prepared.read_facts(out)
     assert facts.source == str(synthetic_archive) and facts.url is None
-    assert facts.sha256 == prepared.sha256(synthetic_archive)
+    assert facts.sha256 == io.sha256(synthetic_archive)
     assert facts.classes == list(CLASSES) and facts.image_size == 32 and facts.unlabeled == 0
     assert facts.test_split == "test/ folder" and facts.limit == 100
     assert facts.counts["train"] == {name: 10 for name in CLASSES}  # limit 100, stratified
@@ -84,11 +83,8 @@ class FakeSTL10:
         self.classes = ["airplane", "bird"]
 
 
-def test_data_limit_caps_unlabeled_images_which_join_the_statistics(tmp_path, monkeypatch):
-    datasets = types.ModuleType("torchvision.datasets")
-    datasets.STL10 = FakeSTL10
-    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(datasets=datasets))
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+def test_data_limit_caps_unlabeled_images_which_join_the_statistics(tmp_path, fake_torchvision):
+    fake_torchvision.STL10 = FakeSTL10
     params_path = write_params(tmp_path / "params.yaml", **{"data.source": "stl10", "data.limit": 10})
     p = params.load(params_path, "seed", "data")
     args = argparse.Namespace(out=tmp_path / "prepared", download_dir=tmp_path / "dl")
@@ -118,6 +114,13 @@ def test_random_subset_is_seeded_and_capped():
     np.testing.assert_array_equal(prepared.random_subset(20, None, seed=1), np.arange(20))
 
 
+def test_subset_copies_only_what_a_limit_drops():
+    x = np.arange(40).reshape(20, 2)
+    assert prepared.subset(x, prepared.random_subset(20, None, seed=1)) is x  # no limit: no copy
+    part = prepared.subset(x, prepared.random_subset(20, 5, seed=1))
+    assert part.shape == (5, 2) and not np.shares_memory(part, x)
+
+
 def test_missing_class_folder_is_named(tmp_path, tree):
     root, _ = tree
     for path in (root / "cifar10" / "test" / "frog").iterdir():
@@ -129,8 +132,7 @@ def test_missing_class_folder_is_named(tmp_path, tree):
 
 def test_prepared_data_loads_fast(tmp_path):
     x = np.random.default_rng(0).integers(0, 255, size=(50000, 32, 32, 3), dtype=np.uint8)
-    arrays = {"train": (x, np.arange(50000) % 10), "test": (x[:10], np.arange(10))}
-    prepared.save_prepared(tmp_path, arrays, prepared.data_facts(arrays, CLASSES, source="random"))
+    save_data(tmp_path, (x, np.arange(50000) % 10), (x[:10], np.arange(10)), source="random")
     start = time.perf_counter()
     loaded, _ = prepared_split(tmp_path, "train")
     assert time.perf_counter() - start < 2.0 and loaded.shape == x.shape

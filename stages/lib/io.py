@@ -1,7 +1,9 @@
-"""Atomic file output: every file a stage writes appears complete or not at all."""
+"""File input and output: every file a stage writes appears complete or not at all (atomic);
+reading a missing or broken file is one readable error line."""
 import contextlib
 import csv
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -144,3 +146,12 @@ def load_npz(path, keys, what, hint):
             return tuple(arrays[key] for key in keys)
     except NUMPY_FILE_ERRORS as error:
         raise UserError(f"{path} is not a {what} file with {', '.join(keys)} ({error}); {hint}") from None
+
+
+def sha256(path):
+    """SHA-256 of the file at `path`, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

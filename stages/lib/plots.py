@@ -113,7 +113,7 @@ def curves(cells, column, ylabel, path):
     _save(fig, path)
 
 
-def _grouped(summary):
+def grouped(summary):
     """(modes in order, sorted keys by descending fraction, {key: fraction})."""
     fractions = {k: entry["fraction"] for cells in summary.values() for k, entry in cells.items()}
     keys = sorted(fractions, key=lambda k: -fractions[k])
@@ -151,7 +151,7 @@ def convergence_bars(summary, comparison, tolerance, path):
     error bar). Right: per N, epochs baseline and SSL need to reach the common threshold
     (comparison's `convergence`: lower of the two bests minus tolerance, mean over seeds).
     """
-    modes, keys, fractions = _grouped(summary)
+    modes, keys, fractions = grouped(summary)
     rows = [entry for _, entry in compared(comparison)]
     fig, (own, common) = plt.subplots(1, 2, sharey=True, figsize=(max(10, 3.2 * len(keys) + 3), 4.5))
     _grouped_bars(own, {m: [(j, summary[m][k]["convergence_epoch"], summary[m][k].get("convergence_epoch_std", 0))
@@ -208,7 +208,7 @@ def gain_with_ci(comparison, path):
 
 def accuracy_vs_fraction(summary, path):
     """Test accuracy (%) against label fraction on a log axis, one line per mode."""
-    modes, keys, fractions = _grouped(summary)
+    modes, keys, fractions = grouped(summary)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in modes:
         ks = sorted(summary[mode], key=lambda k: fractions[k])

@@ -148,6 +148,12 @@ def random_subset(n, limit, seed):
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
+def subset(x, indices):
+    """x[indices] for sorted, distinct `indices` (from `stratified_subset` or `random_subset`); x itself,
+    not a copy, when they select all of it (no data.limit: STL-10's unlabeled images are 2.8 GB)."""
+    return x if len(indices) == len(x) else x[indices]
+
+
 def allocate(counts, total):
     """Split `total` over groups in proportion to `counts` (largest remainder), never above a count."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -161,14 +167,6 @@ def allocate(counts, total):
 def class_counts(y, classes):
     """{class name: number of labels y == its index}, in class order."""
     return {name: int((y == label).sum()) for label, name in enumerate(classes)}
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_digest(arrays):

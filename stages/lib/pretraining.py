@@ -56,9 +56,9 @@ class PretrainTask(train.Task):
     def __init__(self, method, images, backbone, monitor, cfg, seed, device, on_epoch):
         self.method, self.images, self.monitor, self.cfg = method, images, monitor, cfg
         self.seed, self.device, self.on_epoch = seed, device, on_epoch
-        self.batch = self.images_per_step = cfg.batch_size  # global: split evenly over the processes
-        self.local = distributed.per_rank_batch(self.batch, "pretrain.batch_size")
-        self.steps_per_epoch = len(images) // self.batch
+        self.images_per_step = cfg.batch_size  # global: split evenly over the processes
+        self.local = distributed.per_rank_batch(cfg.batch_size, "pretrain.batch_size")
+        self.steps_per_epoch = len(images) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.model = Pretrainer(backbone, method.head(backbone.feature_dim)).to(device)
         self.compiled = train.prepare_model(self.model, device, cfg.compile, cfg.sync_batchnorm)
@@ -75,7 +75,7 @@ class PretrainTask(train.Task):
         global_step = epoch * self.steps_per_epoch + step
         warmup = self.cfg.warmup_epochs * self.steps_per_epoch
         train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.cfg.lr))
-        x = self.images[train.rank_batch(self.order, step, self.batch, self.local)]  # uint8 (b, 3, H, W)
+        x = self.images[train.rank_batch(self.order, step, self.images_per_step, self.local)]  # uint8 (b, 3, H, W)
         views = train.channels_last(self.method.views(x, self.generator))  # (V * b, 3, H, W)
         with train.autocast(self.device):
             outputs = self.compiled(views)  # (V * b, D)
@@ -87,7 +87,7 @@ class PretrainTask(train.Task):
         last = epoch + 1 == self.cfg.epochs
         due = (epoch + 1) % self.cfg.knn_every == 0 or last
         knn = self.monitor(self.model.backbone) if due and distributed.is_main() else None
-        images_per_second = self.steps_per_epoch * self.batch / seconds
+        images_per_second = self.steps_per_epoch * self.images_per_step / seconds
         views_per_second = self.method.views_per_image * images_per_second  # what the network sees
         row = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                "knn_accuracy": knn, "seconds": seconds, "images_per_second": images_per_second,

@@ -5,7 +5,9 @@ Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
 `settings` (params' EvaluateParams), optional SimCLR `pretrain` metrics and figure links.
 Accuracies are fractions in the inputs and percentages in the text.
 """
-from stages.lib.plots import compared, mode_order, percent, points
+from stages.lib.metrics import MCNEMAR_EXACT_BELOW
+from stages.lib.plots import compared, grouped, mode_order, percent, points
+from stages.lib.study import MIN_SEEDS_FOR_SEEDS_TEST
 
 # Reference numbers reported by the seed project this study grew from (test accuracy on CIFAR-10, all
 # other numbers of it are unknown); shown beside ours when the data is CIFAR-10 (a data set named
@@ -37,21 +39,24 @@ def _num(entry, name, digits=0):
     return f"{value} ± {entry[f'{name}_std']:.{digits}f}" if f"{name}_std" in entry else value
 
 
-def _keys(summary):
-    """All fraction keys, largest fraction first, with {key: fraction}."""
-    fractions = {k: e["fraction"] for cells in summary.values() for k, e in cells.items()}
-    return sorted(fractions, key=lambda k: -fractions[k]), fractions
+def _epochs(entry, name):
+    """An epoch count: whole for one seed, one decimal for a mean over seeds."""
+    return _num(entry, name, 1 if entry and f"{name}_std" in entry else 0)
+
+
+def _entries(summary):
+    """(mode, entry) of every summary entry: modes in reading order, then the largest fraction first."""
+    for mode in mode_order(list(summary)):
+        for key in sorted(summary[mode], key=lambda k: -summary[mode][k]["fraction"]):
+            yield mode, summary[mode][key]
 
 
 def experiments_section(summary):
     rows = []
-    for mode in mode_order(list(summary)):
-        for key in sorted(summary[mode], key=lambda k: -summary[mode][k]["fraction"]):
-            e = summary[mode][key]
-            rows.append([mode, percent(e["fraction"]), _num(e, "labeled_images"), _pct(e, "accuracy"),
-                         _pct(e, "precision"), _pct(e, "recall"), _pct(e, "f1"),
-                         _num(e, "convergence_epoch", 1 if "convergence_epoch_std" in e else 0),
-                         _num(e, "best_epoch", 1 if "best_epoch_std" in e else 0), _num(e, "seconds", 1)])
+    for mode, e in _entries(summary):
+        rows.append([mode, percent(e["fraction"]), _num(e, "labeled_images"), _pct(e, "accuracy"),
+                     _pct(e, "precision"), _pct(e, "recall"), _pct(e, "f1"), _epochs(e, "convergence_epoch"),
+                     _epochs(e, "best_epoch"), _num(e, "seconds", 1)])
     header = ["Mode", "N", "Labeled images", "Accuracy", "Precision (macro)", "Recall (macro)", "F1 (macro)",
               "Convergence epoch", "Best epoch", "Seconds"]
     return "## Metrics comparison per experiment\n\n" + _table(header, rows)
@@ -65,14 +70,11 @@ SETTING_COLUMNS = (("lr", "Head lr"), ("backbone_lr", "Backbone lr"), ("head_epo
 def settings_section(summary):
     """The fine-tuning settings each cell ran with (the same rule for every mode), and its best epoch."""
     rows = []
-    for mode in mode_order(list(summary)):
-        for key in sorted(summary[mode], key=lambda k: -summary[mode][k]["fraction"]):
-            e = summary[mode][key]
-            runs = e["settings"] if isinstance(e["settings"], list) else [e["settings"]]
-            for run in runs:
-                rows.append([mode, percent(e["fraction"])] + [f"{run.get(name, NOT_REPORTED)}"
-                                                               for name, _ in SETTING_COLUMNS]
-                            + [_num(e, "best_epoch", 1 if "best_epoch_std" in e else 0)])
+    for mode, e in _entries(summary):
+        runs = e["settings"] if isinstance(e["settings"], list) else [e["settings"]]
+        for run in runs:
+            values = [f"{run.get(name, NOT_REPORTED)}" for name, _ in SETTING_COLUMNS]
+            rows.append([mode, percent(e["fraction"]), *values, _epochs(e, "best_epoch")])
     header = ["Mode", "N"] + [title for _, title in SETTING_COLUMNS] + ["Best epoch (kept)"]
     text = ("The settings each cell was fine-tuned with (`finetune` in params.yaml; every mode by the same "
             "rule) and the epoch whose weights were kept: the best validation accuracy over the whole "
@@ -81,7 +83,7 @@ def settings_section(summary):
 
 
 def performance_section(summary):
-    modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
+    modes, keys, fractions = grouped(summary)
     rows = [[percent(fractions[k])] + [_pct(summary[m].get(k), "accuracy") for m in modes] for k in keys]
     return "## Performance summary\n\nTest accuracy per label fraction N.\n\n" + _table(
         ["N"] + [f"{m} accuracy" for m in modes], rows)
@@ -127,29 +129,30 @@ def improvement_section(comparison, settings):
                      "yes" if e["significant"] else "no"])
     header = ["N", "Seeds", "Baseline", "SSL", "SSL − baseline [points]", "Relative", f"{level} CI [points]",
               "McNemar p per seed", "p over test images", "p across seeds", f"Significant (Holm p < {alpha})"]
+    exact, seeds = MCNEMAR_EXACT_BELOW, MIN_SEEDS_FOR_SEEDS_TEST
     text = (f"SSL minus baseline test accuracy on the same test images, mean over the seeds both modes ran. "
             f"The interval is a paired percentile bootstrap over test images ({settings.bootstrap_samples:,} "
             f"resamples) that carries every seed's predictions for each resampled image: it is the interval of "
             f"the mean over seeds of d_i, SSL correct minus baseline correct on image i (not adjusted for "
-            f"multiple comparisons). McNemar's test (exact binomial below 25 discordant pairs) is run per seed, "
-            f"never on pooled seeds. *p over test images*: with one seed, that seed's McNemar p; with several, "
-            f"a two-sided one-sample t-test of d_i (mean over seeds per image) against 0 over the test images. "
-            f"*p across seeds* (3 or more seeds): a paired t-test of the per-seed test accuracies, pairs matched "
-            f"by seed. Each p-value is shown with its Holm correction across the label fractions N compared "
-            f"({len(pairs)}; each test its own family). *Significant* uses the Holm-corrected p of the primary test "
-            f"(in bold): the test across seeds with 3 or more seeds, else the test over test images.\n\n")
+            f"multiple comparisons). McNemar's test (exact binomial below {exact} discordant pairs) is run per "
+            f"seed, never on pooled seeds. *p over test images*: with one seed, that seed's McNemar p; with "
+            f"several, a two-sided one-sample t-test of d_i (mean over seeds per image) against 0 over the test "
+            f"images. *p across seeds* ({seeds} or more seeds): a paired t-test of the per-seed test accuracies, "
+            f"pairs matched by seed. Each p-value is shown with its Holm correction across the label fractions N "
+            f"compared ({len(pairs)}; each test its own family). *Significant* uses the Holm-corrected p of the "
+            f"primary test (in bold): the test across seeds with {seeds} or more seeds, else the test over test "
+            f"images.\n\n")
     return title + text + _table(header, rows) + "\n\n" + _verdict(pairs)
 
 
 def convergence_section(summary, comparison, settings):
-    modes, (keys, fractions) = mode_order(list(summary)), _keys(summary)
+    modes, keys, fractions = grouped(summary)
     tolerance = points(settings.convergence_tolerance)
     rows = []
     for k in keys:
         row = [percent(fractions[k])]
         for m in modes:
-            e = summary[m].get(k)
-            row.append(_num(e, "convergence_epoch", 1 if e and "convergence_epoch_std" in e else 0))
+            row.append(_epochs(summary[m].get(k), "convergence_epoch"))
         rows.append(row)
     text = (f"Own best: the first epoch whose validation accuracy is within {tolerance} "
             f"of the cell's own best. Each cell is measured against itself, so under a decaying learning rate "

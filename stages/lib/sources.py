@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.lib.cli import UserError
-from stages.lib.prepared import SPLITS, sha256
+from stages.lib.io import sha256
+from stages.lib.prepared import SPLITS
 from stages.lib.progress import Progress
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -166,12 +167,17 @@ def fit_arrays(x, size):
         return np.ascontiguousarray(x)
     out = np.empty((len(x), size, size, 3), dtype=np.uint8)
     resize = lambda image: np.asarray(fit(Image.fromarray(np.ascontiguousarray(image)), size))  # noqa: E731
-    progress = Progress("resize", len(x), unit="img")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for i, image in enumerate(pool.map(resize, x, chunksize=256)):
-            out[i] = image
-            progress.update(i + 1)
+    _fill(out, resize, x, Progress("resize", len(x), unit="img"))
     return out
+
+
+def _fill(out, make, items, progress, done=0):
+    """out[i] = make(items[i]) on 4 threads, in order; progress counts on from `done`. Returns the new count."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, image in enumerate(pool.map(make, items, chunksize=256)):
+            out[i] = image
+            progress.update(done + i + 1)
+    return done + len(out)
 
 
 def _decode(item, size):
@@ -354,12 +360,7 @@ def _decode_all(item_lists, size):
     """Decode lists of (name, read) on 4 threads -> one uint8 (N, size, size, 3) array per list."""
     total = sum(len(items) for items in item_lists)
     progress, done, arrays = Progress("decode", total, unit="img"), 0, []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for items in item_lists:
-            x = np.empty((len(items), size, size, 3), dtype=np.uint8)
-            for i, image in enumerate(pool.map(partial(_decode, size=size), items, chunksize=256)):
-                x[i] = image
-                done += 1
-                progress.update(done)
-            arrays.append(x)
+    for items in item_lists:
+        arrays.append(np.empty((len(items), size, size, 3), dtype=np.uint8))
+        done = _fill(arrays[-1], partial(_decode, size=size), items, progress, done)
     return arrays

@@ -46,7 +46,7 @@ def tracking_uri():
 
 
 def flatten(params, prefix=""):
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; other values (lists too) are kept as they are."""
     flat = {}
     for key, value in params.items():
         name = f"{prefix}{key}"

@@ -5,6 +5,7 @@ import json
 import math
 import signal
 import time
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -142,14 +143,24 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-class Task:
-    """What pretraining and fine-tuning share for `run_epochs`: a checkpointable state.
+class Task(ABC):
+    """What `run_epochs` drives: pretraining and fine-tuning, with a checkpointable state.
 
-    Subclasses set model, optimizer, generator (see `rank_generator`) and name in
-    `kept` the attributes that a checkpoint must carry besides those.
+    Subclasses set model, optimizer, generator (see `rank_generator`), device and images_per_step,
+    and name in `kept` the attributes that a checkpoint must carry besides those.
     """
 
     kept = ("history", "train_seconds")
+    device: torch.device
+    images_per_step: int  # global batch: images of one step over all processes
+
+    @abstractmethod
+    def step(self, epoch: int, step: int) -> torch.Tensor:
+        """One training step; its loss, left on the device (no host sync)."""
+
+    @abstractmethod
+    def end_epoch(self, epoch: int, mean_loss: float) -> dict | None:
+        """After the epoch's last step: {name: value} for the epoch's log line, or None."""
 
     def restore(self, state):
         for key in self.kept:
@@ -254,9 +265,7 @@ class StopSignal:
 def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, label, checks_per_epoch=4):
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
-    The task provides: device, images_per_step; restore(state) -> (epoch, step, loss_sum); step(epoch, step) ->
-    loss tensor (left on the device); end_epoch(epoch, mean_loss) -> {name: value} for the epoch's log
-    line (or None); state(epoch, step, loss_sum).
+    `task` is a `Task` (or has its attributes and methods: step, end_epoch, restore, state).
     The host reads the device only `checks_per_epoch` times an epoch (NaN check and progress), so the
     GPU is never kept waiting between steps. A checkpoint is written at the end of an epoch once
     `checkpoint_seconds` have passed since the last one (0: every epoch), so its cost stays small.
