@@ -42,12 +42,14 @@ def synthetic_images(n_per_class, seed=0):
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def save_data(root, train, test, source="synthetic", sha256=None):
-    """Prepared data as the data stage writes it (arrays and their facts) from (x, y) pairs; returns root."""
+def save_data(root, train, test, source="synthetic", sha256=None, url=None, classes=CLASSES, unlabeled=None):
+    """Prepared data as the data stage writes it (arrays and their facts) from (x, y) pairs and optional
+    unlabeled images x; returns root."""
     from stages.lib import prepared
 
-    arrays = {"train": train, "test": test}
-    prepared.save_prepared(root, arrays, prepared.data_facts(arrays, CLASSES, source=source, sha256=sha256))
+    arrays = {"train": train, "test": test, **({} if unlabeled is None else {"unlabeled": unlabeled})}
+    facts = prepared.data_facts(arrays, classes, source=source, url=url, sha256=sha256)
+    prepared.save_prepared(root, arrays, facts)
     return Path(root)
 
 
@@ -156,3 +158,11 @@ def project(tmp_path_factory):
     from tests.faults import prepare_project
 
     return prepare_project(tmp_path_factory.mktemp("project"))
+
+
+def paired_correct(only_a, only_b, both=5, neither=5):
+    """Bool arrays (n,) of two models' correctness on the same test images, with `only_a` images only a
+    gets right, `only_b` only b, `both` both and `neither` neither (McNemar's discordant counts)."""
+    a = [True] * only_a + [False] * only_b + [True] * both + [False] * neither
+    b = [False] * only_a + [True] * only_b + [True] * both + [False] * neither
+    return np.array(a), np.array(b)

@@ -8,9 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.lib import params, prepared, splits
+from stages.lib import params, splits
 from stages.lib.models import ResNet, save_backbone
-from tests.conftest import CLASSES, png_bytes, synthetic_images, write_params, write_tree
+from tests.conftest import png_bytes, save_data, synthetic_images, write_params, write_tree
 
 # A study small enough for seconds on a CPU (see tests/test_pipeline.py).
 TINY = {
@@ -56,8 +56,7 @@ def prepare_project(root):
     root.mkdir(parents=True, exist_ok=True)
     params_path = write_params(root / "params.yaml", **TINY)
     train, test = synthetic_images(16, seed=1), synthetic_images(4, seed=2)
-    arrays = {"train": train, "test": test}
-    prepared.save_prepared(root / "data", arrays, prepared.data_facts(arrays, CLASSES, source="synthetic"))
+    save_data(root / "data", train, test)
     val, labeled = splits.make_splits(train[1], TINY["data.val_size"], TINY["fraction"], 0)
     splits.save_splits(root / "splits", val, labeled)
     p = params.load(params_path, "seed", "model")

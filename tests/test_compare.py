@@ -8,6 +8,7 @@ from scipy import stats
 from stages.lib import metrics, study
 from stages.lib.params import EvaluateParams
 from stages.lib.splits import fraction_key
+from tests.conftest import paired_correct
 
 SETTINGS = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=300, confidence=0.95)
 
@@ -24,20 +25,13 @@ def make_cell(mode, fraction, seed, correct, val_accuracy=(0.5, 0.6)):
             "convergence_epoch": metrics.convergence_epoch(val_accuracy, SETTINGS.convergence_tolerance)}
 
 
-def discordant(only_ssl, only_baseline, both=5, neither=5):
-    """(ssl correct, baseline correct) with the given discordant counts."""
-    ssl = [True] * only_ssl + [False] * only_baseline + [True] * both + [False] * neither
-    base = [False] * only_ssl + [True] * only_baseline + [True] * both + [False] * neither
-    return ssl, base
-
-
 def test_one_seed_uses_mcnemar_and_holm_across_n():
     # Raw McNemar p-values 0.0215, 0.0391, 0.0391 are each below 0.05, but Holm-corrected across the
     # three N they are 3 x 0.0215 = 0.0645 and max(0.0645, 2 x 0.0391) = 0.0781: none is significant.
     counts = {1.0: (9, 1), 0.5: (8, 1), 0.1: (8, 1)}
     cells = []
     for fraction, (only_ssl, only_base) in counts.items():
-        ssl, base = discordant(only_ssl, only_base)
+        ssl, base = paired_correct(only_ssl, only_base)
         cells += [make_cell("ssl", fraction, 0, ssl), make_cell("baseline", fraction, 0, base)]
     comparison = study.compare(cells, SETTINGS, 0)
     raw = [stats.binomtest(9, 10).pvalue, stats.binomtest(8, 9).pvalue, stats.binomtest(8, 9).pvalue]

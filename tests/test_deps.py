@@ -61,3 +61,6 @@ def test_every_imported_project_module_is_a_dependency(name, entry, deps):
 
 def test_the_import_walk_sees_indirect_imports():
     assert "stages/lib/cli.py" in closure("stages.split")  # split -> splits -> cli (and others)
+    # pretrain -> simclr -> losses: pretrain does not import losses itself
+    assert "stages/lib/losses.py" in closure("stages.pretrain")
+    assert "stages.lib.losses" not in imported_modules(module_file("stages.pretrain"))

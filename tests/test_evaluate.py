@@ -248,3 +248,4 @@ def test_many_classes_keep_the_sample_grid_readable(tmp_path):
     plots.sample_grid(x[:20], y[:20], names[:10], tmp_path / "ten.png", seed=0)
     with Image.open(tmp_path / "thirty.png") as thirty, Image.open(tmp_path / "ten.png") as ten:
         assert thirty.height < 2.2 * ten.height  # 20 rows against 10; all 30 would be 2.9 times
+

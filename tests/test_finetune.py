@@ -8,6 +8,7 @@ import torch
 from stages.lib import params as params_lib
 from stages.lib import train
 from stages.lib.augment import Standardize
+from stages.lib.cli import UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
 from tests.conftest import synthetic_images, write_params
@@ -68,9 +69,12 @@ def test_linear_mode_trains_only_the_head(tmp_path):
     backbone = ResNet("resnet18", 4, "cifar")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 2})
-    task = run(tmp_path, make_task("linear", copy_of(backbone), p), p)
+    task = make_task("linear", copy_of(backbone), p)
+    head_before = task.model.head.weight.clone()
+    run(tmp_path, task, p)
     for key, value in task.model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # weights and BatchNorm statistics
+    assert not torch.equal(task.model.head.weight, head_before)  # while the head trains
 
 
 def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
@@ -84,7 +88,8 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     for key, value in task.model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert not torch.equal(task.model.head.weight, head_before)
-    # From the start again (no checkpoint): two head-only epochs, then one that trains the backbone.
+    # Epochs 1-3 again (no checkpoint; the head is already trained): two head-only, then one that trains
+    # the backbone.
     train.run_epochs(task, 3, task.steps_per_epoch, train.Checkpoint(tmp_path / "b.pt", {}), 100_000, "ssl")
     assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
 
@@ -93,7 +98,7 @@ def test_backbone_learning_rate_is_scaled(tmp_path):
     p = finetune_params(tmp_path, **{"finetune.backbone_lr_scale": 0.1})
     task = make_task("ssl", copy_of(ResNet("resnet18", 4, "cifar")), p)
     task.step(0, 0)
-    lrs = {group.get("part", "head"): group["lr"] for group in task.optimizer.param_groups}
+    lrs = {group["part"]: group["lr"] for group in task.optimizer.param_groups}
     assert lrs["backbone"] == pytest.approx(0.1 * lrs["head"]) and lrs["head"] > 0
 
 
@@ -126,14 +131,16 @@ def test_each_mode_starts_from_its_own_weights_file(tmp_path, mode):
     torch.manual_seed(2)
     save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
     backbone, saved = load_backbone(tmp_path / f"{mode}.pt", "resnet18", 4, "cifar")
+    in_file = saved["seeds"][0] if mode == "baseline" else saved["state_dict"]  # the tensors as written
     task = make_task(mode, copy_of(backbone), finetune_params(tmp_path))
     other = load_backbone(tmp_path / ("baseline.pt" if mode == "ssl" else "ssl.pt"), "resnet18", 4, "cifar")[0]
     weight = task.model.backbone.state_dict()["stem.0.weight"]
     torch.testing.assert_close(weight, backbone.state_dict()["stem.0.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(weight, in_file["stem.0.weight"], rtol=0, atol=0)
     assert not torch.equal(weight, other.state_dict()["stem.0.weight"])
 
 
 def test_a_seed_without_starting_weights_is_refused(tmp_path):
     save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
-    with pytest.raises(Exception, match="starting weights for seeds \\[0\\], not for seed 3"):
+    with pytest.raises(UserError, match="starting weights for seeds \\[0\\], not for seed 3"):
         load_backbone(tmp_path / "baseline.pt", "resnet18", 4, "cifar", seed=3)

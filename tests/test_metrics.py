@@ -8,6 +8,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from stages.lib import metrics
+from tests.conftest import paired_correct
 
 
 def test_classification_metrics_match_scikit_learn():
@@ -140,7 +141,7 @@ def test_t_test_against_scipy_and_by_hand():
 
 
 def test_images_test_one_seed_is_mcnemar_several_a_t_test_of_d():
-    a, b = _pairs(9, 2)
+    a, b = paired_correct(9, 2)
     assert metrics.images_test(a, b) == (metrics.mcnemar_p(a, b), "McNemar")
     assert metrics.images_test(a[None], b[None]) == (metrics.mcnemar_p(a, b), "McNemar")
     # Two seeds on 8 images: d_i = mean over seeds of a - b.
@@ -152,23 +153,16 @@ def test_images_test_one_seed_is_mcnemar_several_a_t_test_of_d():
     assert p == pytest.approx(stats.ttest_1samp(d, 0).pvalue) and name == metrics.IMAGES_TEST
 
 
-def _pairs(only_a, only_b, both=5, neither=5):
-    """Paired correctness with the given discordant counts."""
-    a = [True] * only_a + [False] * only_b + [True] * both + [False] * neither
-    b = [False] * only_a + [True] * only_b + [True] * both + [False] * neither
-    return np.array(a), np.array(b)
-
-
 def test_mcnemar_known_answers():
-    assert metrics.mcnemar_p(*_pairs(0, 0)) == 1.0
-    assert metrics.mcnemar_p(*_pairs(10, 0)) == pytest.approx(2 * 0.5**10)  # exact, b + c = 10
-    assert metrics.mcnemar_p(*_pairs(3, 3)) == pytest.approx(1.0)
-    assert metrics.mcnemar_p(*_pairs(7, 2)) == pytest.approx(stats.binomtest(7, 9, 0.5).pvalue)
+    assert metrics.mcnemar_p(*paired_correct(0, 0)) == 1.0
+    assert metrics.mcnemar_p(*paired_correct(10, 0)) == pytest.approx(2 * 0.5**10)  # exact, b + c = 10
+    assert metrics.mcnemar_p(*paired_correct(3, 3)) == pytest.approx(1.0)
+    assert metrics.mcnemar_p(*paired_correct(7, 2)) == pytest.approx(stats.binomtest(7, 9, 0.5).pvalue)
     # b + c = 24 is still exact; 25 switches to chi-square with continuity correction.
-    assert metrics.mcnemar_p(*_pairs(16, 8)) == pytest.approx(stats.binomtest(16, 24, 0.5).pvalue)
-    assert metrics.mcnemar_p(*_pairs(40, 20)) == pytest.approx(stats.chi2.sf((20 - 1) ** 2 / 60, 1))
-    assert metrics.mcnemar_p(*_pairs(15, 10)) == pytest.approx(stats.chi2.sf(16 / 25, 1))
-    assert metrics.mcnemar_p(*_pairs(20, 40)) == metrics.mcnemar_p(*_pairs(40, 20))  # symmetric
+    assert metrics.mcnemar_p(*paired_correct(16, 8)) == pytest.approx(stats.binomtest(16, 24, 0.5).pvalue)
+    assert metrics.mcnemar_p(*paired_correct(40, 20)) == pytest.approx(stats.chi2.sf((20 - 1) ** 2 / 60, 1))
+    assert metrics.mcnemar_p(*paired_correct(15, 10)) == pytest.approx(stats.chi2.sf(16 / 25, 1))
+    assert metrics.mcnemar_p(*paired_correct(20, 40)) == metrics.mcnemar_p(*paired_correct(40, 20))  # symmetric
 
 
 def test_label_efficiency_on_a_hand_made_grid():

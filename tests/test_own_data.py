@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, copy_project, write_params
-from tests.test_pipeline import TINY, sh
+from tests.conftest import copy_project, write_params
+from tests.test_pipeline import TINY, init_repo, sh
 
 CLASSES = ("circle", "square", "stripes")
 # (size, mode, file format) cycled over each class's images: grayscale, RGBA, palette, RGB; none is 48x48
@@ -55,11 +55,7 @@ def own_project(tmp_path):
         "pretrain.batch_size": 32, "finetune.batch_size": 16, "fraction": [1.0, 0.5],
         # The standard stem and SimCLR's blur from 48 px, so this small run takes the large-image paths.
         "model.standard_stem_from": 48, "pretrain.augment.blur_from": 48})
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "config", "user.email", "test@example.com", cwd=repo)
-    sh("git", "config", "user.name", "test", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    sh("cp", "-r", str(REPO / ".dvc/plots"), str(repo / ".dvc/plots"), cwd=repo)
+    init_repo(repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "init", cwd=repo)
     return repo

@@ -30,16 +30,22 @@ def sh(*args, cwd, check=True, timeout=900):
     return result
 
 
+def init_repo(repo, plots=True):
+    """Make `repo` a git + DVC repository; with `plots`, holding the project's DVC plot templates."""
+    sh("git", "init", "-q", cwd=repo)
+    sh("git", "config", "user.email", "test@example.com", cwd=repo)
+    sh("git", "config", "user.name", "test", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    if plots:
+        shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")
+
+
 @pytest.fixture
 def project(tmp_path, synthetic_archive):
     """A git + DVC repository holding a copy of the project, set up for tiny synthetic runs."""
     repo = copy_project(tmp_path / "repo")
     write_params(repo / "params.yaml", **TINY, **{"data.source": str(synthetic_archive)})
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "config", "user.email", "test@example.com", cwd=repo)
-    sh("git", "config", "user.name", "test", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")  # the plot templates
+    init_repo(repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "init", cwd=repo)
     return repo
@@ -162,8 +168,8 @@ def assert_mlflow_inputs(project, runs):
     """One pipeline run groups this repro's runs; each run that reads the data logs it as its input."""
     assert len({run.data.tags["dvc.pipeline_run"] for run in runs}) == 1
     assert runs[0].data.tags["dvc.pipeline_run"].startswith("workspace ")
-    digest = json.loads((project / "data/prepared/meta.json").read_text())["content_sha256"][:8]
-    source = json.loads((project / "data/prepared/meta.json").read_text())["source"]
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    digest, source = meta["content_sha256"][:8], meta["source"]
     for run in runs:
         inputs = [(i.dataset.name, i.dataset.digest, i.dataset.source) for i in run.inputs.dataset_inputs]
         stage, fraction = run.data.tags["dvc.stage"], run.data.tags.get("fraction")

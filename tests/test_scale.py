@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, copy_project, make_archive, run_module, write_params, write_tree
-from tests.test_pipeline import BIN, TINY, sh
+from tests.test_pipeline import BIN, TINY, init_repo, sh
 
 QUEUE_TIMEOUT = 300  # seconds for both queued experiments together
 
@@ -37,10 +37,7 @@ def study(tmp_path_factory):
     repo = copy_project(root / "repo")
     # One fraction keeps this repro short; the queued experiments change it.
     write_params(repo / "params.yaml", **TINY, **{"data.source": str(archive), "fraction": 1.0})
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "config", "user.email", "test@example.com", cwd=repo)
-    sh("git", "config", "user.name", "test", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
+    init_repo(repo, plots=False)
     local_store("dvc", "repro", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "study", cwd=repo)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from stages.lib import prepared, sources
 from stages.lib.cli import UserError
-from tests.conftest import prepared_split
+from tests.conftest import prepared_split, save_data
 
 
 def encode(image, fmt, **options):
@@ -246,9 +246,9 @@ def small_prepared(path, **arrays):
     rng = np.random.default_rng(0)
     arrays = {"train": (rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 2] * 2)),
               "test": (rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 2])), **arrays}
-    facts = prepared.data_facts(arrays, ["a", "b", "c"], source="small")
-    prepared.save_prepared(path, arrays, facts)
-    return arrays, facts
+    save_data(path, arrays["train"], arrays["test"], source="small", classes=["a", "b", "c"],
+              unlabeled=arrays.get("unlabeled"))
+    return arrays, prepared.read_facts(path)
 
 
 def test_prepared_data_round_trips_with_its_facts(tmp_path):

@@ -1,12 +1,10 @@
 """What users look at besides the plots: progress lines in logs, MLflow's experiment kind, run
 inputs and tags, and DVC's headline metrics (the end-to-end view is in tests/test_pipeline.py)."""
-import json
-
 import pytest
 
 from stages.lib import dvc_views, prepared, tracking
 from stages.lib.progress import Progress
-from tests.conftest import CLASSES, save_data, synthetic_images
+from tests.conftest import save_data, synthetic_images
 
 
 def test_progress_off_a_terminal_logs_one_line_per_bar(capsys):
@@ -37,15 +35,14 @@ def test_the_data_set_is_the_runs_input(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("DVC_STAGE", raising=False)
     data = save_data(tmp_path / "data", synthetic_images(2), synthetic_images(1), source="copies/cifar10.tar.gz")
-    digest = json.loads((data / "meta.json").read_text())["content_sha256"]
     facts = prepared.read_facts(data)
+    digest = facts.content_sha256
     whole, part = tracking.dataset(facts, "training"), tracking.dataset(facts, "training", subset=("n10", "f00d"))
     assert whole == {"name": "cifar10", "source": str(tmp_path / "copies/cifar10.tar.gz"), "digest": digest[:8],
                      "context": "training"}
     assert part["name"] == "cifar10-n10" and len(part["digest"]) == 8 and part["digest"] != whole["digest"]
     url = "https://example.org/cifar-100-python.tar.gz"
-    facts = prepared.data_facts({"train": synthetic_images(2), "test": synthetic_images(1)}, CLASSES, "cifar100", url)
-    prepared.save_prepared(tmp_path / "x", {"train": synthetic_images(2), "test": synthetic_images(1)}, facts)
+    save_data(tmp_path / "x", synthetic_images(2), synthetic_images(1), source="cifar100", url=url)
     official = tracking.dataset(prepared.read_facts(tmp_path / "x"), "evaluation")
     assert (official["name"], official["source"]) == ("cifar100", url)
     with tracking.stage_run("finetune@ssl", {"seed": 0}, run_name="ssl-n10_s0", data=part) as run:
