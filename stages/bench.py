@@ -24,7 +24,7 @@ from PIL import Image
 
 from stages.lib import budget, params, prepared, train
 from stages.lib.augment import Standardize, affine_crop_flip, color_jitter, jitter_order
-from stages.lib.cli import log, run_stage
+from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
 from stages.lib.models import ResNet, stem_for
 from stages.lib.pretraining import PretrainTask
@@ -142,6 +142,9 @@ def run(args):
     facts = prepared.read_facts(args.data)
     cfg, size, device = p.pretrain.model_copy(update={"epochs": 1}), facts.image_size, train.pick_device()
     n = args.images or (50_000 if device.type == "cuda" else 2_048)
+    if n < cfg.batch_size:
+        raise UserError(f"--images {n}: below pretrain.batch_size = {cfg.batch_size} (one step's images); "
+                        "give more images or a smaller batch")
     train.setup(0, device)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # speed does not depend on the statistics
