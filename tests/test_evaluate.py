@@ -249,3 +249,9 @@ def test_many_classes_keep_the_sample_grid_readable(tmp_path):
     with Image.open(tmp_path / "thirty.png") as thirty, Image.open(tmp_path / "ten.png") as ten:
         assert thirty.height < 2.2 * ten.height  # 20 rows against 10; all 30 would be 2.9 times
 
+
+def test_cifar10_is_recognised_by_the_data_name_and_cifar100_is_not():
+    names = [facts(source, url=url).name for source, url in
+             (("cifar10", "https://example.org/c10"), ("cifar100", "https://example.org/c100"),
+              ("data/cifar10-jpeg.tar.gz", None), ("/data/cifar100_png", None), ("/data/my-flowers.zip", None))]
+    assert [report.is_cifar10(name) for name in names] == [True, False, True, False, False]

@@ -5,13 +5,15 @@ Inputs (see stages/evaluate.py): `summary` {mode: {key: entry}}, `comparison`
 `settings` (params' EvaluateParams), optional SimCLR `pretrain` metrics and figure links.
 Accuracies are fractions in the inputs and percentages in the text.
 """
+import re
+
 from stages.lib.metrics import MCNEMAR_EXACT_BELOW
 from stages.lib.plots import compared, grouped, mode_order, percent, points
 from stages.lib.study import MIN_SEEDS_FOR_SEEDS_TEST
 
 # Reference numbers reported by the seed project this study grew from (test accuracy on CIFAR-10, all
-# other numbers of it are unknown); shown beside ours when the data is CIFAR-10 (a data set named
-# cifar10...), never used in any computation.
+# other numbers of it are unknown); shown beside ours when the data is CIFAR-10 (`is_cifar10`),
+# never used in any computation.
 SEED_PROJECT = {1.0: {"baseline": 0.714, "ssl": 0.396}, 0.1: {"baseline": 0.507, "ssl": 0.343}}
 NOT_REPORTED = "not reported"
 NOT_RUN = "not run"
@@ -189,6 +191,12 @@ def _gain(values):
     return f"{100 * (values['ssl'] - values['baseline']):+.1f}"
 
 
+def is_cifar10(name):
+    """Whether a data set's name (DataFacts.name) is CIFAR-10's: cifar10, or a copy named cifar10-... or
+    cifar10_... (cifar10-jpeg); not cifar100."""
+    return re.fullmatch(r"cifar10([-_].*)?", name) is not None
+
+
 def seed_project_section(summary):
     rows = []
     for fraction, theirs in SEED_PROJECT.items():
@@ -261,7 +269,7 @@ def build(summary, comparison, facts, devices, settings, pretrain=None, figures=
         f"# SimCLR vs supervised baseline on {facts.name}", intro,
         experiments_section(summary), settings_section(summary), performance_section(summary),
         improvement_section(comparison, settings), convergence_section(summary, comparison, settings),
-        seed_project_section(summary) if facts.name.startswith("cifar10") else "",
+        seed_project_section(summary) if is_cifar10(facts.name) else "",
         label_efficiency_section(comparison), pretrain_section(pretrain), data_section(facts, devices),
         figures_section(figures),
     ]
