@@ -92,7 +92,8 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     steps = max(1, (context["pool"] if cfg.equal_steps else len(labeled)) // cfg.batch_size)
     # Every cell of a seed starts from the same weights: the seed's own for the baseline.
     start = functools.partial(load_into, saved=context["saved"], seed=seed, path=args.init)
-    data = {**context, "labeled": torch.from_numpy(labeled).to(device)}
+    data = {**{k: context[k] for k in ("images", "labels", "val_x", "val_y")},
+            "labeled": torch.from_numpy(labeled).to(device)}  # FinetuneTask's tensors
     checkpoint = train.Checkpoint(cell_dir / "checkpoint.pt", config)
     tags = {"mode": args.mode, "fraction": str(fraction), "seed": str(seed), "device": train.device_name(device)}
     run_params = {**p.as_dict(), "cell": {"mode": args.mode, "fraction": fraction, "seed": seed}}

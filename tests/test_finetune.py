@@ -1,6 +1,8 @@
 """Fine-tuning: learns on synthetic data, keeps the best epoch, freezes what it should, and every
 cell starts from its own weights although one classifier serves every cell of a process."""
 import functools
+import os
+import signal
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from stages.lib import params as params_lib
 from stages.lib import train
 from stages.lib.augment import Standardize
-from stages.lib.cli import UserError
+from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
 from tests.conftest import synthetic_images, write_params
@@ -92,6 +94,39 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     # the backbone.
     train.run_epochs(task, 3, task.steps_per_epoch, train.Checkpoint(tmp_path / "b.pt", {}), 100_000, "ssl")
     assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
+
+
+@pytest.mark.parametrize("stop_at", [(0, 4), (1, 1)], ids=["on-an-epochs-last-step", "as-the-backbone-starts"])
+def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, stop_at):
+    """A stop on an epoch's last step checkpoints (epoch, steps_per_epoch): the resume runs only that epoch's
+    end. A stop inside the first epoch that trains the backbone keeps the momentum it had built by then."""
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 1})
+    backbone = ResNet("resnet18", 4, "cifar")
+
+    def cell(name, stop=None):
+        task = make_task("ssl", copy_of(backbone), p)
+        step = task.step
+
+        def stopping_step(epoch, index):
+            if (epoch, index) == stop:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(epoch, index)
+
+        task.step = stopping_step
+        train.run_epochs(task, p.max_epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / name, {}), 100_000,
+                         "ssl")
+        return task
+
+    reference = cell("a.pt")
+    assert reference.steps_per_epoch == 5
+    with pytest.raises(StageError, match=f"stopped by SIGINT at epoch {stop_at[0] + 1}, step {stop_at[1] + 1}"):
+        cell("b.pt", stop=stop_at)
+    resumed = cell("b.pt")
+    assert len(resumed.history) == 3
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    assert ([row["val_loss"] for row in resumed.history]
+            == pytest.approx([row["val_loss"] for row in reference.history], abs=1e-6))
 
 
 def test_backbone_learning_rate_is_scaled(tmp_path):

@@ -181,6 +181,18 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in reference.history], abs=1e-6)
 
 
+def test_a_stop_on_an_epochs_last_step_resumes_at_its_end(tmp_path):
+    reference = pretrain(tmp_path / "a")
+    with pytest.raises(StageError, match="stopped by SIGINT at epoch 2, step 5"):
+        pretrain(tmp_path / "b", stop_at=(1, 4))
+    saved = torch.load(tmp_path / "b" / "ck.pt", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (1, 5) and saved["epoch_seconds"] > 0
+    resumed = pretrain(tmp_path / "b")
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    assert resumed.history[1]["seconds"] >= saved["epoch_seconds"]  # the epoch's seconds before the stop count
+
+
 def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
     reference = pretrain(tmp_path / "a")
     with pytest.raises(RuntimeError):

@@ -11,7 +11,6 @@ One classifier (and its compiled module) serves every cell of a process: `Finetu
 the cell's starting weights into it, so torch.compile runs once, not once per cell.
 """
 import copy
-import time
 
 import numpy as np
 import torch
@@ -34,15 +33,19 @@ def build_classifier(backbone, num_classes, mode, cfg, device):
 
 class FinetuneTask(train.Task):
     """One fine-tuning cell. `data` holds device tensors: images (N, 3, H, W) uint8, labels (N,),
-    labeled (L,) indices into them, val_x, val_y. `classifier` is `build_classifier`'s pair;
-    `start` puts the cell's starting weights into a backbone (e.g. `models.load_into`); `cfg` is
-    params' FinetuneParams; `standardize` the data's augment.Standardize."""
+    labeled (L,) indices into them, and the validation set val_x (V, 3, H, W) uint8, val_y (V,).
+    `classifier` is `build_classifier`'s pair; `start` puts the cell's starting weights into a
+    backbone (e.g. `models.load_into`); `cfg` is params' FinetuneParams; `standardize` the data's
+    augment.Standardize."""
 
     kept = ("history", "best", "best_accuracy", "best_epoch", "train_seconds")
 
     def __init__(self, data, classifier, start, mode, cfg, standardize, seed, steps_per_epoch, device, on_epoch):
+        super().__init__()
         self.data, self.mode, self.cfg, self.seed, self.device = data, mode, cfg, seed, device
         self.steps_per_epoch, self.on_epoch = steps_per_epoch, on_epoch
+        self.total_steps, self.warmup_steps = cfg.max_epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        self.val_y = data["val_y"].cpu().numpy()  # (V,) for the metrics, copied to the host once
         self.model, self.compiled = classifier
         self.num_classes = self.model.head.out_features
         start(self.model.backbone)
@@ -55,22 +58,20 @@ class FinetuneTask(train.Task):
         self.optimizer = train.make_optimizer("sgd", groups, cfg.lr, cfg.momentum)
         self.standardize, self.augment = standardize, SupervisedAugment(cfg.augment, standardize)
         self.generator = train.rank_generator(seed, device)
-        self.history, self.best, self.order_epoch = [], None, None
-        self.best_accuracy, self.best_epoch, self.train_seconds = -1.0, 0, 0.0
+        self.best, self.best_accuracy, self.best_epoch = None, -1.0, 0
 
-    def _order(self, epoch):
+    def batch_order(self, epoch):
         """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
         labeled, needed = self.data["labeled"], self.steps_per_epoch * self.cfg.batch_size
         passes = -(-needed // len(labeled))
         orders = [train.epoch_order(len(labeled), self.seed, epoch * passes + i, self.device) for i in range(passes)]
-        return labeled[torch.cat(orders)[:needed]]
+        return labeled[torch.cat(orders)[:needed]]  # (steps_per_epoch * batch,)
 
     def head_only(self, epoch):
         """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""
         return self.mode == "linear" or epoch < self.cfg.head_epochs
 
-    def _start_epoch(self, epoch):
-        self.order, self.order_epoch, self.epoch_start = self._order(epoch), epoch, time.perf_counter()
+    def start_epoch(self, epoch, fresh):
         self.model.train()
         frozen = self.head_only(epoch)
         if frozen:
@@ -78,30 +79,24 @@ class FinetuneTask(train.Task):
         for group in self.optimizer.param_groups:
             if group["part"] == "backbone":
                 group["lr_scale"] = 0.0 if frozen else self.cfg.backbone_lr_scale  # set_lr applies it
-                if epoch == self.cfg.head_epochs > 0:  # the backbone starts training: no stale momentum
-                    for param in group["params"]:
+                if fresh and epoch == self.cfg.head_epochs > 0:  # the backbone starts training: no stale momentum
+                    for param in group["params"]:  # (a resume keeps the momentum its checkpoint restored)
                         self.optimizer.state.pop(param, None)
 
-    def step(self, epoch, step):
-        if self.order_epoch != epoch:
-            self._start_epoch(epoch)
-        batch = self.cfg.batch_size
-        total = self.cfg.max_epochs * self.steps_per_epoch
-        warmup = self.cfg.warmup_epochs * self.steps_per_epoch
-        train.set_lr(self.optimizer, train.lr_at(epoch * self.steps_per_epoch + step, total, warmup, self.cfg.lr))
-        index = train.rank_batch(self.order, step, batch, self.local)
+    def train_step(self, epoch, step):
+        lr = train.lr_at(epoch * self.steps_per_epoch + step, self.total_steps, self.warmup_steps, self.cfg.lr)
+        train.set_lr(self.optimizer, lr)
+        index = train.rank_batch(self.order, step, self.cfg.batch_size, self.local)
         x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
             logits = self.compiled(x)  # (b, C)
         loss = F.cross_entropy(logits.float(), self.data["labels"][index], label_smoothing=self.cfg.label_smoothing)
         return train.optimize(self.optimizer, loss)
 
-    def end_epoch(self, epoch, mean_loss):
-        seconds = train.seconds_since(self.epoch_start, self.device)
-        self.train_seconds += seconds
+    def finish_epoch(self, epoch, mean_loss, seconds):
         logits = train.infer(self.model, self.data["val_x"], self.standardize)  # (V, C)
         val_loss = F.cross_entropy(logits, self.data["val_y"]).item()
-        m = classification_metrics(self.data["val_y"].cpu().numpy(), logits.argmax(1).cpu().numpy(), self.num_classes)
+        m = classification_metrics(self.val_y, logits.argmax(1).cpu().numpy(), self.num_classes)
         row = {"epoch": epoch + 1, "train_loss": mean_loss, "val_loss": val_loss, "val_accuracy": m["accuracy"],
                "val_precision": m["precision_macro"], "val_recall": m["recall_macro"], "val_f1": m["f1_macro"],
                "lr": self.optimizer.param_groups[-1]["lr"], "seconds": seconds}

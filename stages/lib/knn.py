@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from stages.lib.train import infer
 
 
-def embed(backbone, images, standardize, batch_size):
+def embed(backbone, images, standardize):
     """uint8 (N, 3, H, W) on the model's device -> L2-normalized float32 features (N, D)."""
-    return F.normalize(infer(backbone, images, standardize, batch_size), dim=1)
+    return F.normalize(infer(backbone, images, standardize), dim=1)
 
 
 @torch.no_grad()
@@ -39,13 +39,13 @@ class KNNMonitor:
 
     def __call__(self, backbone):
         return knn_accuracy(backbone, *self.train, *self.val, self.num_classes, self.standardize, self.k,
-                            self.temperature, batch_size=1024)
+                            self.temperature)
 
 
 def knn_accuracy(backbone, train_images, train_labels, val_images, val_labels, num_classes, standardize, k,
-                 temperature, batch_size):
+                 temperature):
     """Fraction of validation images whose kNN label (from the training images) is right."""
-    train_features = embed(backbone, train_images, standardize, batch_size)
-    val_features = embed(backbone, val_images, standardize, batch_size)
+    train_features = embed(backbone, train_images, standardize)  # (N, D)
+    val_features = embed(backbone, val_images, standardize)  # (V, D)
     predicted = knn_predict(train_features, train_labels, val_features, k, temperature, num_classes)
     return (predicted == val_labels).float().mean().item()

@@ -1,4 +1,4 @@
-"""ResNet backbone (CIFAR or standard stem), the SimCLR projection head, and the classifier.
+"""ResNet backbone (CIFAR or standard stem), the SimCLR projection head, and backbone + head models.
 
 The same `ResNet` class serves pretraining and every fine-tuning mode. Weights files
 (`save_backbone`/`load_backbone`) carry the arch, width and stem they were built with.
@@ -78,7 +78,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)  # (B, w, S, S) cifar stem; (B, w, S/4, S/4) standard stem (sides rounded up)
-        x = self.layers(x)  # (B, 8w, S/8, S/8) cifar; (B, 8w, S/32, S/32) standard: 4x4 at 32, 3x3 at 96
+        x = self.layers(x)  # (B, 8w, S/8, S/8) cifar: 4x4 at 32; (B, 8w, S/32, S/32) standard: 1x1 at 32, 3x3 at 96
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, 8w)
 
 
@@ -96,16 +96,23 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-class Classifier(nn.Module):
+class BackboneWithHead(nn.Module):
+    """A backbone and a head on its features: (B, 3, S, S) -> head outputs (B, D). Its tensors are named
+    backbone.* and head.*. Pretraining puts the method's head on it; `Classifier` a linear layer."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))  # (B, 8w) features -> (B, D)
+
+
+class Classifier(BackboneWithHead):
     """Backbone plus a linear layer: (B, 3, S, S) -> logits (B, num_classes)."""
 
     def __init__(self, backbone, num_classes):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.feature_dim, num_classes)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
+        super().__init__(backbone, nn.Linear(backbone.feature_dim, num_classes))
 
 
 def _state(backbone):

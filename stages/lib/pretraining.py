@@ -5,13 +5,13 @@ method for its augmented views, runs backbone + the method's head on them, and m
 method's loss. A monitor (e.g. `knn.KNNMonitor`) measures the backbone every `knn_every` epochs.
 A second method is one new module with a `Method` subclass (stages/lib/simclr.py is the first).
 """
-import time
 from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
 
 from stages.lib import distributed, train
+from stages.lib.models import BackboneWithHead
 from stages.lib.progress import format_seconds
 
 
@@ -38,52 +38,38 @@ class Method(ABC):
         """V: views of each image the network sees per step."""
 
 
-class Pretrainer(nn.Module):
-    """Backbone + the method's head: images (n, 3, H, W) -> head outputs (n, D)."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
 class PretrainTask(train.Task):
     """One pretraining run of `method` on `images` (uint8 (N, 3, H, W) on the device) from `backbone`.
     `cfg` is params' PretrainParams; `monitor(backbone)` -> accuracy; `on_epoch(row)` logs each epoch."""
 
     def __init__(self, method, images, backbone, monitor, cfg, seed, device, on_epoch):
+        super().__init__()
         self.method, self.images, self.monitor, self.cfg = method, images, monitor, cfg
         self.seed, self.device, self.on_epoch = seed, device, on_epoch
         self.images_per_step = cfg.batch_size  # global: split evenly over the processes
         self.local = distributed.per_rank_batch(cfg.batch_size, "pretrain.batch_size")
         self.steps_per_epoch = len(images) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.model = Pretrainer(backbone, method.head(backbone.feature_dim)).to(device)
+        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        self.model = BackboneWithHead(backbone, method.head(backbone.feature_dim)).to(device)
         self.compiled = train.prepare_model(self.model, device, cfg.compile, cfg.sync_batchnorm)
         self.optimizer = train.make_optimizer(cfg.optimizer, train.param_groups(self.model, cfg.weight_decay),
                                               cfg.lr, cfg.momentum)
         self.generator = train.rank_generator(seed, device)  # each rank draws its own augmentations
-        self.history, self.train_seconds, self.order, self.order_epoch = [], 0.0, None, None
-        self.epoch_start = time.perf_counter()
 
-    def step(self, epoch, step):
-        if self.order_epoch != epoch:
-            self.order, self.order_epoch = train.epoch_order(len(self.images), self.seed, epoch, self.device), epoch
-            self.epoch_start = time.perf_counter()
+    def batch_order(self, epoch):
+        return train.epoch_order(len(self.images), self.seed, epoch, self.device)
+
+    def train_step(self, epoch, step):
         global_step = epoch * self.steps_per_epoch + step
-        warmup = self.cfg.warmup_epochs * self.steps_per_epoch
-        train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, warmup, self.cfg.lr))
+        train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, self.warmup_steps, self.cfg.lr))
         x = self.images[train.rank_batch(self.order, step, self.images_per_step, self.local)]  # uint8 (b, 3, H, W)
         views = train.channels_last(self.method.views(x, self.generator))  # (V * b, 3, H, W)
         with train.autocast(self.device):
             outputs = self.compiled(views)  # (V * b, D)
         return train.optimize(self.optimizer, self.method.loss(outputs, self.local))
 
-    def end_epoch(self, epoch, mean_loss):
-        seconds = train.seconds_since(self.epoch_start, self.device)
-        self.train_seconds += seconds
+    def finish_epoch(self, epoch, mean_loss, seconds):
         last = epoch + 1 == self.cfg.epochs
         due = (epoch + 1) % self.cfg.knn_every == 0 or last
         knn = self.monitor(self.model.backbone) if due and distributed.is_main() else None
@@ -95,7 +81,6 @@ class PretrainTask(train.Task):
         self.history.append(row)
         self.on_epoch(row)
         eta = (self.cfg.epochs - epoch - 1) * self.train_seconds / len(self.history)
-        fields = {"views/s": f"{views_per_second:,.0f}"}
-        if knn is not None:
-            fields["kNN accuracy"] = knn
+        # No views/s here: the log line's img/s times the whole epoch (kNN included), these seconds only training.
+        fields = {} if knn is None else {"kNN accuracy": knn}
         return {**fields, "ETA": format_seconds(eta)}

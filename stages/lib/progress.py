@@ -33,6 +33,11 @@ class Progress:
                         mininterval=0.5, dynamic_ncols=True, file=sys.stderr,
                         disable=quiet or not sys.stderr.isatty())
 
+    @property
+    def visible(self):
+        """True when the bar is drawn (on a terminal, not quiet): only then do updates before the last show."""
+        return not self.bar.disable
+
     def update(self, done, **fields):
         """Set progress to `done` items; fields (e.g. loss=1.23) are shown beside the bar and in the summary."""
         self.bar.set_postfix_str(", ".join(_field(k, v) for k, v in fields.items()), refresh=False)

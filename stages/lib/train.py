@@ -146,21 +146,59 @@ def set_lr(optimizer, lr):
 class Task(ABC):
     """What `run_epochs` drives: pretraining and fine-tuning, with a checkpointable state.
 
-    Subclasses set model, optimizer, generator (see `rank_generator`), device and images_per_step,
-    and name in `kept` the attributes that a checkpoint must carry besides those.
+    Subclasses call `Task.__init__`, set model, optimizer, generator (see `rank_generator`), device and
+    images_per_step, name in `kept` the attributes that a checkpoint must carry besides those, and supply
+    an epoch's batch order (`batch_order`), what else starts an epoch (`start_epoch`), one training step
+    (`train_step`) and the epoch's end (`finish_epoch`). `step` and `end_epoch` do the bookkeeping they
+    share: the epoch's order and clock, started lazily by the epoch's first step here (so a direct
+    `task.step(0, i)`, as in stages/bench.py, works too), and the training seconds (`train_seconds`).
     """
 
     kept = ("history", "train_seconds")
     device: torch.device
     images_per_step: int  # global batch: images of one step over all processes
 
-    @abstractmethod
-    def step(self, epoch: int, step: int) -> torch.Tensor:
-        """One training step; its loss, left on the device (no host sync)."""
+    def __init__(self):
+        self.history, self.train_seconds = [], 0.0
+        self.order, self.order_epoch, self.epoch_start = None, None, 0.0  # order_epoch: the epoch begun
+        self.resumed_seconds = 0.0  # seconds the restored epoch had run before its checkpoint
 
     @abstractmethod
-    def end_epoch(self, epoch: int, mean_loss: float) -> dict | None:
-        """After the epoch's last step: {name: value} for the epoch's log line, or None."""
+    def batch_order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s indices, step after step (each step takes its global batch of them in turn)."""
+
+    def start_epoch(self, epoch: int, fresh: bool) -> None:
+        """Anything else an epoch's start sets; `fresh` is False when a resume starts it after its first step."""
+
+    @abstractmethod
+    def train_step(self, epoch: int, step: int) -> torch.Tensor:
+        """One training step on `self.order`; its loss, left on the device (no host sync)."""
+
+    @abstractmethod
+    def finish_epoch(self, epoch: int, mean_loss: float, seconds: float) -> dict | None:
+        """The epoch's end, `seconds` of training: {name: value} for the epoch's log line, or None."""
+
+    def step(self, epoch, step):
+        """One training step (`train_step`), after starting the epoch if this is its first step here."""
+        if self.order_epoch != epoch:
+            self._begin_epoch(epoch, fresh=step == 0)
+        return self.train_step(epoch, step)
+
+    def end_epoch(self, epoch, mean_loss):
+        """After the epoch's last step: adds its training seconds and returns `finish_epoch`'s fields. A resume
+        from a stop on the epoch's last step lands here with no step run, and starts the epoch first."""
+        if self.order_epoch != epoch:
+            self._begin_epoch(epoch, fresh=False)
+        seconds = seconds_since(self.epoch_start, self.device)
+        self.train_seconds += seconds
+        return self.finish_epoch(epoch, mean_loss, seconds)
+
+    def _begin_epoch(self, epoch, fresh):
+        self.order, self.order_epoch = self.batch_order(epoch), epoch
+        self.start_epoch(epoch, fresh)
+        # A resumed epoch's clock includes the seconds it ran before its checkpoint.
+        self.epoch_start = time.perf_counter() - (0.0 if fresh else self.resumed_seconds)
+        self.resumed_seconds = 0.0
 
     def restore(self, state):
         for key in self.kept:
@@ -168,11 +206,14 @@ class Task(ABC):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generators"][distributed.rank()])
+        self.resumed_seconds = state.get("epoch_seconds", 0.0)  # absent from checkpoints written before it was
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
+        """Everything a resume at (epoch, step) needs, with the seconds that epoch has trained so far."""
+        elapsed = seconds_since(self.epoch_start, self.device) if step and self.order_epoch == epoch else 0.0
         return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch_seconds": elapsed,
                 "generators": distributed.gather_objects(self.generator.get_state()),
                 **{key: getattr(self, key) for key in self.kept}}
 
@@ -266,10 +307,10 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, la
     """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
 
     `task` is a `Task` (or has its attributes and methods: step, end_epoch, restore, state).
-    The host reads the device only `checks_per_epoch` times an epoch (NaN check and progress), so the
-    GPU is never kept waiting between steps. A checkpoint is written at the end of an epoch once
-    `checkpoint_seconds` have passed since the last one (0: every epoch), so its cost stays small.
-    Under torchrun, every rank checks for a signal at the same steps, so all stop together.
+    The host reads the device only `checks_per_epoch` times an epoch (NaN check, and the running loss when
+    the progress bar is shown), so the GPU is never kept waiting between steps. A checkpoint is written at
+    the end of an epoch once `checkpoint_seconds` have passed since the last one (0: every epoch), so its
+    cost stays small. Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
     state = checkpoint.load()
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
@@ -285,7 +326,7 @@ def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, la
                 if (step + 1) % check_every and step + 1 < steps_per_epoch and not (single and stop.requested):
                     continue
                 _check_finite(losses, start_step, step, epoch, checkpoint)
-                if step + 1 < steps_per_epoch:  # the epoch's last count comes with its log line, below
+                if step + 1 < steps_per_epoch and progress.visible:  # the last count comes with the log line, below
                     progress.update((step + 1) * task.images_per_step, loss=losses[start_step : step + 1].mean().item())
                 if distributed.any_rank(stop.requested, task.device):
                     checkpoint.save(task.state(epoch, step + 1, _total(loss_sum, losses, start_step, step)))
