@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kornia
@@ -22,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.lib import budget, params, prepared, train
+from stages.lib import budget, params, prepared, sources, train
 from stages.lib.augment import Standardize, affine_crop_flip, color_jitter, jitter_order
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
 from stages.lib.models import ResNet, stem_for
 from stages.lib.pretraining import PretrainTask
-from stages.lib.simclr import SimCLR
+from stages.pretrain import METHODS
 
 
 def add_arguments(parser):
@@ -79,22 +78,17 @@ def augmentation_ops(task, x, generator):
     }
 
 
-def decode_rate(n=2_000):
-    """Images per second that the data stage's decoding (PIL, 4 threads) reaches on JPEG files."""
+def decode_rate(size, n=2_000):
+    """Images per second that the data stage's decoding (`sources.decode_all`, 4 threads) reaches on n
+    random size x size JPEG files held in memory."""
     rng = np.random.default_rng(0)
-    files = []
-    for _ in range(n):
+    items = []
+    for i in range(n):
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=75)
-        files.append(buffer.getvalue())
-
-    def decode(data):
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=75)
+        items.append((f"bench image {i}", buffer.getvalue))
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(decode, files, chunksize=256))
+    sources.decode_all([items], size)
     return n / (time.perf_counter() - start)
 
 
@@ -147,17 +141,16 @@ def run(args):
                         "give more images or a smaller batch")
     train.setup(0, device)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
-    standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # speed does not depend on the statistics
+    method = METHODS[cfg.method](cfg, Standardize(facts.mean, facts.std))  # as the pretrain stage builds it
     backbone = ResNet(p.model.arch, p.model.width, stem_for(size, p.model.standard_stem_from))
-    task = PretrainTask(SimCLR(cfg, standardize), images, backbone, lambda model: None, cfg, 0, device,
-                        on_epoch=lambda row: None)
+    task = PretrainTask(method, images, backbone, lambda model: None, cfg, 0, device, on_epoch=lambda row: None)
     results = {"device": train.device_name(device), "batch_size": cfg.batch_size, "images": n}
     log(f"bench: {results['device']}, {p.model.arch} width {p.model.width}, {size} px, batch {cfg.batch_size}, "
         f"compile {cfg.compile}")
     results.update(measure(task, cfg, device, args.repeats))
     results["augmentation share of step"] = round(
         results["epoch views/s"] / results["augment whole pipeline views/s"], 3)
-    results["decode img/s"] = round(decode_rate())
+    results["decode img/s"] = round(decode_rate(size))
     results["stage start-up s"] = round(stage_start_seconds(device), 2)
     for key, value in results.items():
         print(f"{key:48s} {value:>14,}" if isinstance(value, (int, float)) else f"{key:48s} {value:>14}")
@@ -178,9 +171,8 @@ def rates_from(results, evaluate_seconds):
 def study_from(p, facts):
     """The study params.yaml describes, on the prepared data's image counts (data.limit applied; the data
     stage decodes the whole source before it subsets, so with a limit its decoding is undercounted)."""
-    counts = {split: sum(per_class.values()) for split, per_class in facts.counts.items()}
-    return budget.Study(source_images=counts["train"] + counts["test"] + facts.unlabeled,
-                        train_images=counts["train"], unlabeled_images=facts.unlabeled, test_images=counts["test"],
+    images = facts.images
+    return budget.Study(train_images=images["train"], unlabeled_images=facts.unlabeled, test_images=images["test"],
                         val_images=p.data.val_size, fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
                         modes=len(p.finetune.modes), pretrain=p.pretrain, finetune=p.finetune)
 

@@ -16,7 +16,7 @@ def run(args):
     p = params.load(args.params, "seed", "data")
     with removed_on_failure(args.out), tracking.stage_run("data", p.as_dict()) as run:
         facts = prepare(p, args)
-        counts = {f"{split}_images": sum(n.values()) for split, n in facts.counts.items()}
+        counts = {f"{split}_images": n for split, n in facts.images.items()}
         run.log_metrics({**counts, "unlabeled_images": facts.unlabeled})
         run.log_artifact(Path(args.out) / "meta.json")
         run.log_dataset(tracking.dataset(facts, "prepared"))

@@ -12,12 +12,11 @@ FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, compi
 
 
 def test_budget_rows_are_worked_by_hand():
-    study = budget.Study(source_images=1200, train_images=1000, unlabeled_images=0, test_images=200, val_images=200,
-                         fractions=(1.0, 0.1), seeds=2,
-                         modes=2, pretrain=PRETRAIN, finetune=FINETUNE)
+    study = budget.Study(train_images=1000, unlabeled_images=0, test_images=200, val_images=200,
+                         fractions=(1.0, 0.1), seeds=2, modes=2, pretrain=PRETRAIN, finetune=FINETUNE)
     rows, total = budget.study_budget(RATES, study)
     by_stage = {row["stage"]: row for row in rows}
-    # data: 1,200 images at 100/s + start-up.
+    # data: 1,000 train + 200 test = 1,200 images decoded at 100/s + start-up.
     assert by_stage["data"]["seconds"] == pytest.approx(5 + 12)
     # pretrain: 10 steps x 200 views an epoch at 1/1000 + 1/4000 s a view = 2.5 s; 4 epochs = 10 s;
     # kNN twice over 1,000 images at 2,000/s = 1 s; epochs outlast checkpoint_seconds: a checkpoint each, 4.
@@ -35,7 +34,7 @@ def test_budget_rows_are_worked_by_hand():
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
     finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
-    study = budget.Study(1200, 1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)
+    study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100

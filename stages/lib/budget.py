@@ -23,9 +23,9 @@ class Rates:
 
 @dataclass(frozen=True)
 class Study:
-    """What a study processes: image counts from the data, settings from params.yaml."""
+    """What a study processes: image counts from the data, settings from params.yaml. The data stage
+    decodes train + test + unlabeled images."""
 
-    source_images: int  # images the data stage decodes
     train_images: int  # labeled training images (after data.limit)
     unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
     test_images: int
@@ -73,7 +73,7 @@ def study_budget(rates, s):
     `images` counts what passes through the network in training (SimCLR: both views), or the
     images decoded for the data stage. The finetune row is one mode; the total counts every mode.
     """
-    decode = s.source_images
+    decode = s.train_images + s.test_images + s.unlabeled_images  # what the data stage decodes
     finetune = _finetune(rates, s)
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,

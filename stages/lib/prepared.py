@@ -53,6 +53,11 @@ class DataFacts(BaseModel):
         return self
 
     @property
+    def images(self):
+        """{split: number of images} for train and test: the sums of `counts`."""
+        return {split: sum(per_class.values()) for split, per_class in self.counts.items()}
+
+    @property
     def name(self):
         """The data set's short name: the named source (cifar10, ...), else the local file's or folder's
         name without its suffixes (cifar10-jpeg for cifar10-jpeg.tar.gz)."""
@@ -176,9 +181,9 @@ def content_digest(arrays):
     digest = hashlib.sha256()
     for split in SPLITS:
         for array in arrays[split]:
-            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(np.ascontiguousarray(array))  # no copy if already C-contiguous
     if "unlabeled" in arrays:
-        digest.update(np.ascontiguousarray(arrays["unlabeled"]).tobytes())
+        digest.update(np.ascontiguousarray(arrays["unlabeled"]))
     return digest.hexdigest()
 
 

@@ -86,33 +86,26 @@ def _download(what, download_dir, dataset_class, **kwargs):
         ) from None
 
 
-def _cifar10(image_size, download_dir):
-    """CIFAR-10: 50,000 train and 10,000 test images, 32x32, 10 classes."""
-    from torchvision.datasets import CIFAR10  # imported here: only this source needs it
-
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    arrays = {}
-    for split in SPLITS:
-        dataset = _download("CIFAR-10", download_dir, CIFAR10, train=split == "train")
-        if list(dataset.classes) != classes:
-            raise UserError(f"torchvision CIFAR-10 classes {dataset.classes} are not in CIFAR-10 label order "
-                            f"({', '.join(classes)}); check the torchvision version or set data.source")
-        arrays[split] = (fit_arrays(np.asarray(dataset.data, dtype=np.uint8), image_size),
-                         np.asarray(dataset.targets, dtype=np.int64))
-    return Source(train=arrays["train"], test=arrays["test"], classes=classes, url=CIFAR10.url)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _cifar100(image_size, download_dir):
-    """CIFAR-100: 50,000 train and 10,000 test images, 32x32, 100 (fine) classes."""
-    from torchvision.datasets import CIFAR100  # imported here: only this source needs it
+def _cifar(name, label_order, image_size, download_dir):
+    """`name` "CIFAR-10" or "CIFAR-100" (torchvision's CIFAR10, CIFAR100): 50,000 train and 10,000 test
+    images, 32x32, 10 or 100 (fine) classes. Given a `label_order` (CIFAR-10's), torchvision's classes
+    must be exactly those names in that order; without one, they are taken as torchvision gives them."""
+    from torchvision import datasets  # imported here: only the named data sets need it
 
+    dataset_class = getattr(datasets, name.replace("-", ""))
     arrays, classes = {}, None
     for split in SPLITS:
-        dataset = _download("CIFAR-100", download_dir, CIFAR100, train=split == "train")
+        dataset = _download(name, download_dir, dataset_class, train=split == "train")
         classes = list(dataset.classes)
+        if label_order is not None and classes != label_order:
+            raise UserError(f"torchvision {name} classes {dataset.classes} are not in {name} label order "
+                            f"({', '.join(label_order)}); check the torchvision version or set data.source")
         arrays[split] = (fit_arrays(np.asarray(dataset.data, dtype=np.uint8), image_size),
                          np.asarray(dataset.targets, dtype=np.int64))
-    return Source(train=arrays["train"], test=arrays["test"], classes=classes, url=CIFAR100.url)
+    return Source(train=arrays["train"], test=arrays["test"], classes=classes, url=dataset_class.url)
 
 
 def _stl10(image_size, download_dir):
@@ -128,7 +121,8 @@ def _stl10(image_size, download_dir):
                   unlabeled=found["unlabeled"][0], url=STL10.url)
 
 
-DATASETS = {"cifar10": _cifar10, "cifar100": _cifar100, "stl10": _stl10}
+DATASETS = {"cifar10": partial(_cifar, "CIFAR-10", CIFAR10_CLASSES), "cifar100": partial(_cifar, "CIFAR-100", None),
+            "stl10": _stl10}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +156,8 @@ def fit(image, size):
 
 
 def fit_arrays(x, size):
-    """uint8 (N, H, W, 3) -> (N, size, size, 3) by `fit` per image; the same array if already that size."""
+    """uint8 (N, H, W, 3) -> (N, size, size, 3) by `fit` per image: a C-contiguous array (x itself if it
+    already is one and of that size)."""
     if x.shape[1:3] == (size, size):
         return np.ascontiguousarray(x)
     out = np.empty((len(x), size, size, 3), dtype=np.uint8)
@@ -174,7 +169,7 @@ def fit_arrays(x, size):
 def _fill(out, make, items, progress, done=0):
     """out[i] = make(items[i]) on 4 threads, in order; progress counts on from `done`. Returns the new count."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for i, image in enumerate(pool.map(make, items, chunksize=256)):
+        for i, image in enumerate(pool.map(make, items)):
             out[i] = image
             progress.update(done + i + 1)
     return done + len(out)
@@ -199,22 +194,23 @@ def _decode(item, size):
 
 
 def _read_local(files, source, image_size, test_fraction, seed):
+    """A Source from a local copy's (name, read) files: its test/ folder, or else a held-out test set."""
     bases, tree, empty = _collect(files, source)
     classes = _check_classes(source, bases, tree, empty)
     train_items, y = _labelled(tree["train"], classes)
-    test_items, test_y = _labelled(tree.get("test", {}), classes)
-    if "test" not in tree:  # no test/ folder: hold some of each class's images out, before the slow decoding
-        keep, held = hold_out(y, test_fraction, seed, classes)
-    x, test_x = _decode_all([train_items, test_items], image_size)
     if "test" in tree:
+        test_items, test_y = _labelled(tree["test"], classes)
+        x, test_x = decode_all([train_items, test_items], image_size)
         return Source(train=(x, y), test=(test_x, test_y), classes=classes, test_split="test/ folder")
+    keep, held = hold_out(y, test_fraction, seed, classes)  # before the slow decoding: each image decoded once
+    x, test_x = decode_all([[train_items[i] for i in keep], [train_items[i] for i in held]], image_size)
     how = f"held out {test_fraction * 100:g}% of the labelled images (stratified, seed {seed})"
-    return Source(train=(x[keep], y[keep]), test=(x[held], y[held]), classes=classes, test_split=how)
+    return Source(train=(x, y[keep]), test=(test_x, y[held]), classes=classes, test_split=how)
 
 
 def hold_out(y, test_fraction, seed, classes):
-    """(train indices, test indices), each sorted: round(test_fraction * n) of each class's n images,
-    drawn at random (seeded), for the test set; the rest for training."""
+    """(train indices, test indices), each sorted: floor(test_fraction * n + 0.5) of each class's n images
+    (rounded half up), drawn at random (seeded), for the test set; the rest for training."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label, name in enumerate(classes):
@@ -356,8 +352,9 @@ def _labelled(per_class, classes):
     return items, np.asarray(labels, dtype=np.int64)
 
 
-def _decode_all(item_lists, size):
-    """Decode lists of (name, read) on 4 threads -> one uint8 (N, size, size, 3) array per list."""
+def decode_all(item_lists, size):
+    """Decode lists of (name, read) on 4 threads (`_decode`: any image -> uint8 RGB size x size) -> one
+    uint8 (N, size, size, 3) array per list, in order; one progress bar, "decode", counts them all."""
     total = sum(len(items) for items in item_lists)
     progress, done, arrays = Progress("decode", total, unit="img"), 0, []
     for items in item_lists:
