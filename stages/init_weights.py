@@ -23,7 +23,7 @@ def run(args):
         for seed in seeds:
             torch.manual_seed(seed)
             backbones[seed] = ResNet(model.arch, model.width, stem)
-        save_backbones(args.out, backbones, origin="random", params={"model": model.model_dump(), "seeds": seeds})
+        save_backbones(args.out, backbones, origin="random", params=read)
         run.log_metrics({"backbone_parameters": sum(t.numel() for t in backbones[seeds[0]].parameters())})
     log(f"init: random {model.arch} width {model.width} ({stem} stem) weights for seeds "
         f"{', '.join(map(str, seeds))} -> {args.out}")

@@ -9,12 +9,13 @@ Headline files hold a few numbers each, so that `dvc metrics show` prints one sh
               and log10_p the log10 of its primary test's Holm-corrected p (DVC would round 3.5e-27 to 0)
   study.json  {knn_accuracy, seconds}: SimCLR's final kNN accuracy, and the training seconds of the
               study (SimCLR and every fine-tuning cell)
-Plot files hold percentages and percentage points (columns *_percent, *_points), one row per seed
-so that the plots can show the seeds' spread, and never an empty cell.
+Plot files hold percentages and percentage points (columns *_percent, *_points), never an empty cell:
+val_accuracy.csv and test_accuracy.csv one row per seed (the plots show the seeds' spread), ssl_gain.csv
+one row per N with its interval, Holm-corrected p and number of seeds.
 """
 import math
 
-from stages.lib.plots import compared, mode_order, percent
+from stages.lib.plots import compared, mode_order, n_label
 
 
 def headline(summary, comparison, cells, pretrain=None):
@@ -44,7 +45,7 @@ def _ordered(cells):
 
 
 def _cell_columns(cell):
-    return {"N": f"N = {percent(cell['fraction'])}", "fraction": cell["fraction"], "mode": cell["mode"],
+    return {"N": n_label(cell["fraction"]), "fraction": cell["fraction"], "mode": cell["mode"],
             "seed": cell["seed"]}
 
 
@@ -63,7 +64,7 @@ def accuracy_rows(cells):
 
 def gain_rows(comparison):
     """SSL minus baseline test accuracy per N, in points, with its interval and the primary test's Holm p."""
-    return [{"N": f"N = {percent(e['fraction'])}", "fraction": e["fraction"],
+    return [{"N": n_label(e["fraction"]), "fraction": e["fraction"],
              "gain_points": round(100 * e["difference"], 2), "ci_low_points": round(100 * e["ci_low"], 2),
              "ci_high_points": round(100 * e["ci_high"], 2), "p_holm": e["p_primary_holm"], "seeds": e["seeds"]}
             for _, e in compared(comparison)]

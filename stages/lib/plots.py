@@ -41,6 +41,11 @@ def percent(fraction):
     return f"{fraction * 100:g}%"
 
 
+def n_label(fraction):
+    """A label fraction as figures and tables name it: 0.1 -> 'N = 10%'."""
+    return f"N = {percent(fraction)}"
+
+
 def points(value):
     """Percentage points in words: 1 -> '1 percentage point', 0.5 -> '0.5 percentage points'."""
     return f"{value:g} percentage point" + ("" if value == 1 else "s")
@@ -52,27 +57,31 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def sample_grid(x, y, classes, path, per_class=8, *, seed, max_rows=20):
-    """A grid of training images: one row per class (name on the left), `per_class` columns; with more
-    than `max_rows` classes, that many of them, drawn at random (a figure stays readable).
+SAMPLE_COLUMNS = 8  # images per class in the sample grid
+MAX_NAMED_CLASSES = 20  # a figure names at most this many classes; beyond that, names would overlap
+
+
+def sample_grid(x, y, classes, path, *, seed):
+    """A grid of training images: one row per class (name on the left), SAMPLE_COLUMNS columns; with more
+    than MAX_NAMED_CLASSES classes, that many of them, drawn at random (a figure stays readable).
 
     x: uint8 (N, H, W, 3); y: int (N,); classes: names by label; seed picks the classes and images.
     """
     rng = np.random.default_rng(seed)
-    labels = np.sort(rng.choice(len(classes), max_rows, replace=False)) if len(classes) > max_rows \
-        else np.arange(len(classes))
+    many = len(classes) > MAX_NAMED_CLASSES
+    labels = np.sort(rng.choice(len(classes), MAX_NAMED_CLASSES, replace=False)) if many else np.arange(len(classes))
     height, width = x.shape[1:3]
     pad = 2
-    mosaic = np.full((len(labels) * (height + pad) + pad, per_class * (width + pad) + pad, 3), 255, np.uint8)
+    mosaic = np.full((len(labels) * (height + pad) + pad, SAMPLE_COLUMNS * (width + pad) + pad, 3), 255, np.uint8)
     shown = 0
     for row, label in enumerate(labels):
         members = np.flatnonzero(y == label)
-        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        chosen = rng.choice(members, size=min(SAMPLE_COLUMNS, len(members)), replace=False) if len(members) else []
         shown = max(shown, len(chosen))
         for col, index in enumerate(chosen):
             top, left = pad + row * (height + pad), pad + col * (width + pad)
             mosaic[top : top + height, left : left + width] = x[index]
-    fig, ax = plt.subplots(figsize=(1.0 * per_class + 1.6, 1.0 * len(labels) + 0.6))
+    fig, ax = plt.subplots(figsize=(1.0 * SAMPLE_COLUMNS + 1.6, 1.0 * len(labels) + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([pad + r * (height + pad) + height / 2 for r in range(len(labels))])
     ax.set_yticklabels([classes[label] for label in labels], fontsize=11)
@@ -100,7 +109,7 @@ def curves(cells, column, ylabel, path):
     ordered = sorted(cells, key=lambda c: (mode_order(modes).index(c["mode"]), -c["fraction"], c.get("seed", 0)))
     for cell in ordered:
         values = np.asarray(cell["curve"][column], dtype=float)
-        label = f"{cell['mode']}, N = {percent(cell['fraction'])}"
+        label = f"{cell['mode']}, {n_label(cell['fraction'])}"
         if several_seeds:
             label += f", seed {cell['seed']}"
         ax.plot(np.arange(1, len(values) + 1), values, color=_colour(cell["mode"], modes),
@@ -156,14 +165,14 @@ def convergence_bars(summary, comparison, tolerance, path):
     fig, (own, common) = plt.subplots(1, 2, sharey=True, figsize=(max(10, 3.2 * len(keys) + 3), 4.5))
     _grouped_bars(own, {m: [(j, summary[m][k]["convergence_epoch"], summary[m][k].get("convergence_epoch_std", 0))
                             for j, k in enumerate(keys) if k in summary[m]] for m in modes},
-                  [f"N = {percent(fractions[k])}" for k in keys], modes)
+                  [n_label(fractions[k]) for k in keys], modes)
     own.set_ylabel("Epochs")
     own.set_title(f"Own best: within {points(tolerance)} of the cell's best", fontsize=10)
     common.set_title(f"Common threshold: lower of the two bests - {points(tolerance)}", fontsize=10)
     if rows:
         _grouped_bars(common, {m: [(j, e["convergence"][f"{m}_epochs"], 0) for j, e in enumerate(rows)]
                                for m in ("baseline", "ssl")},
-                      [f"N = {percent(e['fraction'])}\n(at {100 * e['convergence']['threshold']:.1f}%)" for e in rows],
+                      [f"{n_label(e['fraction'])}\n(at {100 * e['convergence']['threshold']:.1f}%)" for e in rows],
                       modes)
     else:
         common.text(0.5, 0.5, "No SSL / baseline pair to compare", ha="center", va="center",
@@ -197,7 +206,7 @@ def gain_with_ci(comparison, path):
     ax.margins(y=0.2)
     ax.axhline(0, color="black", linewidth=1)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"N = {percent(e['fraction'])}" for e in rows])
+    ax.set_xticklabels([n_label(e["fraction"]) for e in rows])
     ax.set_ylabel("SSL - baseline test accuracy [points]")
     confidence = rows[0].get("confidence")
     level = f"{confidence * 100:g}% " if confidence else ""
@@ -230,9 +239,6 @@ def accuracy_vs_fraction(summary, path):
     _save(fig, path)
 
 
-CONFUSION_NAMES = 20  # class names on a confusion matrix's axes up to this many classes
-
-
 def confusion_matrices(cells, classes, path):
     """Row-normalised confusion matrices in a grid: a row of panels per mode, a column per N."""
     modes = mode_order({c["mode"] for c in cells})
@@ -249,13 +255,13 @@ def confusion_matrices(cells, classes, path):
         image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
         ax.set_axis_on()
         row, col = modes.index(cell["mode"]), fractions.index(cell["fraction"])
-        named = len(classes) <= CONFUSION_NAMES  # beyond that, names would overlap: the matrix alone
+        named = len(classes) <= MAX_NAMED_CLASSES  # beyond that, the matrix alone
         ax.set_xticks(range(len(classes)) if named else [])
         ax.set_xticklabels(classes if named else [], rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)) if named else [])
         ax.set_yticklabels(classes if named and col == 0 else [], fontsize=7)
         accuracy = np.trace(counts) / max(counts.sum(), 1)
-        ax.set_title(f"{cell['mode']}, N = {percent(cell['fraction'])} (acc {100 * accuracy:.1f}%)", fontsize=9)
+        ax.set_title(f"{cell['mode']}, {n_label(cell['fraction'])} (acc {100 * accuracy:.1f}%)", fontsize=9)
         if row == len(modes) - 1:
             ax.set_xlabel("predicted class", fontsize=8)
         if col == 0:

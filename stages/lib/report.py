@@ -73,10 +73,8 @@ def settings_section(summary):
     """The fine-tuning settings each cell ran with (the same rule for every mode), and its best epoch."""
     rows = []
     for mode, e in _entries(summary):
-        runs = e["settings"] if isinstance(e["settings"], list) else [e["settings"]]
-        for run in runs:
-            values = [f"{run.get(name, NOT_REPORTED)}" for name, _ in SETTING_COLUMNS]
-            rows.append([mode, percent(e["fraction"]), *values, _epochs(e, "best_epoch")])
+        values = [f"{e['settings'][name]}" for name, _ in SETTING_COLUMNS]
+        rows.append([mode, percent(e["fraction"]), *values, _epochs(e, "best_epoch")])
     header = ["Mode", "N"] + [title for _, title in SETTING_COLUMNS] + ["Best epoch (kept)"]
     text = ("The settings each cell was fine-tuned with (`finetune` in params.yaml; every mode by the same "
             "rule) and the epoch whose weights were kept: the best validation accuracy over the whole "
@@ -239,10 +237,10 @@ def data_section(facts, devices):
              f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
              f"{facts.test_split}"]
     for split, per_class in facts.counts.items():
-        lines.append(f"- {split} images: {sum(per_class.values())} in {len(per_class)} classes")
+        lines.append(f"- {split} images: {facts.images[split]} in {len(per_class)} classes")
     if facts.unlabeled:
         lines.append(f"- unlabeled images (pretraining only): {facts.unlabeled}")
-    if "cifar10-jpeg" in facts.source:
+    if facts.name.startswith("cifar10-jpeg"):
         lines.append("- The images are a JPEG (quality 75) re-encoding of CIFAR-10, not the original PNG-exact "
                      "pixels, so accuracies run a little below those on canonical CIFAR-10.")
     for mode in mode_order(list(devices)):

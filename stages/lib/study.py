@@ -97,14 +97,13 @@ def _value(cell, source):
 
 def summarise(cells, classes):
     """summary {mode: {key: {fraction, seeds, settings, <scalar>[, <scalar>_std]}}} (mean over seeds,
-    sample std when several; `settings`: the fine-tuning choices the cells ran with, one dict when
-    every seed ran the same, else the list per seed) and per_class {mode: {key: {per_class_recall,
-    confusion}}} pooled over seeds."""
+    sample std when several; `settings`: the fine-tuning choices the cells ran with, the same for every
+    seed, since a cell is reused only when its config matches) and per_class {mode: {key:
+    {per_class_recall, confusion}}} pooled over seeds."""
     summary, per_class = {}, {}
     for (mode, key), group in _groups(cells).items():
-        settings = [c["settings"] for c in group]
         entry = {"fraction": group[0]["fraction"], "seeds": len(group), "labeled_images": group[0]["labeled_images"],
-                 "settings": settings[0] if all(s == settings[0] for s in settings) else settings}
+                 "settings": group[0]["settings"]}
         for name, source, digits in SCALARS:
             values = np.array([_value(c, source) for c in group], dtype=float)
             entry[name] = _rounded(values.mean(), digits, len(group))

@@ -1,4 +1,4 @@
-"""MLflow tracking shared by every stage: one run per stage invocation.
+"""MLflow tracking shared by every stage: one run per stage invocation (and per fine-tuning cell).
 
 Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite store keeps
 its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
@@ -6,7 +6,8 @@ its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $
 temporary folder), else the git top level, else the current directory.
 Experiment: $MLFLOW_EXPERIMENT_NAME or 'ssl-label-budget', tagged as model training (EXPERIMENT_KIND).
 Each run is tagged with its DVC stage, experiment and pipeline run (the `dvc` invocation that
-ran it: the runs table groups by `dvc.pipeline_run`), and logs the data set it read as an input.
+ran it: the runs table groups by `dvc.pipeline_run`); each run that reads the prepared arrays logs
+that data set as an input.
 Several processes may share one SQLite store (parallel queued experiments): its creation
 is serialised with a file lock, and busy writes are retried.
 """
@@ -115,15 +116,11 @@ class Run:
     def log_dataset(self, data):
         """Log `data` (from `dataset`) as the run's input: the runs table's Dataset column."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
 
-        if data["source"].startswith("https://"):
-            source = HTTPDatasetSource(data["source"])
-        else:
-            with warnings.catch_warnings():  # a local path fits two equal source types; either will do
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(data["source"])
+        with warnings.catch_warnings():  # a local path fits two equal source types; either will do
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(data["source"])  # an http(s) URL: HTTPDatasetSource
         dataset = MetaDataset(source, name=data["name"], digest=data["digest"])
         _retry(lambda: self._mlflow.log_input(dataset, context=data["context"]), "log input")
 
