@@ -138,6 +138,15 @@ def test_flat_layout_holds_out_a_stratified_seeded_test_set(tmp_path):
     assert not np.array_equal(other.test[0][:, 0, 0, 0], test_ids)
 
 
+def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
+    root = numbered_flat_folder(tmp_path / "copy", per_class=(2, 2, 0))
+    write(tmp_path / "copy", "README.txt", b"flowers, from somewhere\n")
+    write(tmp_path / "copy", "LICENSE", b"CC BY 4.0\n")
+    found = sources.read_source(str(root.parent), 24, 0.5, 0, tmp_path / "dl")
+    assert found.classes == ["daisy", "rose"]
+    assert np.bincount(found.train[1]).tolist() == [1, 1] and np.bincount(found.test[1]).tolist() == [1, 1]
+
+
 def test_hold_out_too_small_a_class_is_named(tmp_path):
     root = numbered_flat_folder(tmp_path / "flat", per_class=(10, 10, 2))
     with pytest.raises(UserError) as error:

@@ -14,7 +14,7 @@ class Rates:
     train_views_per_s: float  # training step, forward + backward, per view (SimCLR and fine-tuning)
     augment_views_per_s: float  # SimCLR augmentation, per view
     infer_images_per_s: float  # eval-mode forward (kNN monitor, validation, test)
-    decode_images_per_s: float  # the data stage's image decoding
+    decode_images_per_s: float  # the data stage's decoding of image files (a local copy's)
     stage_start_s: float  # one stage's start-up: Python, torch, MLflow, device
     compile_s: float  # one torch.compile of the model (paid only where compile is on)
     checkpoint_s: float  # one checkpoint write
@@ -24,7 +24,9 @@ class Rates:
 @dataclass(frozen=True)
 class Study:
     """What a study processes: image counts from the data, settings from params.yaml. The data stage
-    decodes train + test + unlabeled images."""
+    reads train + test + unlabeled images: it decodes a local copy's files, while a named data set
+    (cifar10, ...) arrives as arrays, resized only where image_size differs, so its data row is an
+    upper bound."""
 
     train_images: int  # labeled training images (after data.limit)
     unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
@@ -71,13 +73,14 @@ def study_budget(rates, s):
     """Rows {stage, images, seconds, note} for the whole study, and the total seconds.
 
     `images` counts what passes through the network in training (SimCLR: both views), or the
-    images decoded for the data stage. The finetune row is one mode; the total counts every mode.
+    images the data stage reads, all timed at the decoding rate (an upper bound for a named data set).
+    The finetune row is one mode; the total counts every mode.
     """
-    decode = s.train_images + s.test_images + s.unlabeled_images  # what the data stage decodes
+    decode = s.train_images + s.test_images + s.unlabeled_images  # what the data stage reads
     finetune = _finetune(rates, s)
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
-         "note": "decode and check every image"},
+         "note": "decode every image file (upper bound for named data sets: arrays, resized at most)"},
         {"stage": "split", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
         _pretrain(rates, s),
         {"stage": "init", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},

@@ -136,7 +136,8 @@ def _check_images(path, x, size, count):
 
 
 def stratified_subset(y, limit, seed):
-    """Indices of at most `limit` samples, spread over classes as evenly as their sizes allow."""
+    """Sorted indices of at most `limit` samples: each class's share in proportion to its size (`allocate`),
+    drawn at random (seeded)."""
     if limit is None or limit >= len(y):
         return np.arange(len(y))
     rng = np.random.default_rng(seed)
@@ -191,7 +192,8 @@ def channel_statistics(x_list, chunk=1024):
     """Per-channel (mean, std) of uint8 images (a list of (N, S, S, 3) arrays), in [0, 1] pixel units.
 
     Counts each channel's 256 levels exactly, `chunk` images at a time (small temporaries, also for
-    150,000 96x96 images); mean and std (population, ddof 0) follow from the counts in float64."""
+    STL-10's 105,000 96x96 train and unlabeled images); mean and std (population, ddof 0) follow from
+    the counts in float64."""
     counts = np.zeros((3, 256), dtype=np.int64)  # (channel, level)
     for x in x_list:
         for start in range(0, len(x), chunk):
@@ -200,7 +202,7 @@ def channel_statistics(x_list, chunk=1024):
                 counts[channel] += np.bincount(block[:, channel], minlength=256)
     pixels = counts[0].sum()
     if pixels == 0:
-        raise UserError("no training images to compute the channel statistics from; check data.source and data.limit")
+        raise UserError("no training images to compute the channel statistics from; check data.source")
     levels = np.arange(256, dtype=np.float64) / 255.0  # (256,) in [0, 1]
     mean = counts @ levels / pixels  # (3,)
     variance = counts @ levels**2 / pixels - mean**2  # (3,)

@@ -116,8 +116,8 @@ def _stl10(image_size, download_dir):
     for split in ("train", "test", "unlabeled"):
         dataset = _download("STL-10", download_dir, STL10, split=split)
         x = np.asarray(dataset.data, dtype=np.uint8).transpose(0, 2, 3, 1)  # (N, 3, 96, 96) -> (N, 96, 96, 3)
-        found[split] = (fit_arrays(x, image_size), np.asarray(dataset.labels, dtype=np.int64), dataset.classes)
-    return Source(train=found["train"][:2], test=found["test"][:2], classes=list(found["train"][2]),
+        found[split] = (fit_arrays(x, image_size), np.asarray(dataset.labels, dtype=np.int64))
+    return Source(train=found["train"], test=found["test"], classes=list(dataset.classes),  # one class_names.txt
                   unlabeled=found["unlabeled"][0], url=STL10.url)
 
 
@@ -299,8 +299,8 @@ def _bases(images, folders, source):
     if not roots and not images:
         raise UserError(f"{source}: no images found (expected train/<class>/* with optional test/<class>/*, "
                         "or <class>/* folders)")
-    if not roots:  # <class>/*, below the folder that holds every image
-        return {"train": tuple(os.path.commonprefix([parts[:-1] for parts, _ in images]))}
+    if not roots:  # <class>/*, below the folder that holds every image in a folder (not files at the top)
+        return {"train": tuple(os.path.commonprefix([parts[:-1] for parts, _ in images if len(parts) > 1]))}
     (root,) = roots  # train/<class>/* and maybe test/<class>/*, below root
     present = {parts[len(root)] for parts, _ in images if parts[:len(root)] == root and len(parts) > len(root) + 1}
     bases = {split: root + (split,) for split in SPLITS if split in present or root + (split,) in folders}
@@ -346,7 +346,7 @@ def _labelled(per_class, classes):
     """[(name, read)] sorted by class then name, and their labels int64 (N,)."""
     items, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(per_class.get(name, []), key=lambda item: item[0])
+        files = sorted(per_class[name], key=lambda item: item[0])
         items.extend(files)
         labels.extend([label] * len(files))
     return items, np.asarray(labels, dtype=np.int64)
