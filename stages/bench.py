@@ -1,6 +1,8 @@
 """Benchmark of the study's speed on whatever device there is (not a DVC stage).
 
-Measures, with the model, pretrain and finetune settings of params.yaml on random images:
+Measures, with the fraction, data, model, pretrain and finetune settings of params.yaml, on random
+images of the prepared data's size (--data, default data/prepared: run `dvc repro data` first; its image
+counts size the budget):
 (a) the SimCLR augmentation alone and each of its kornia operations, (b) the SimCLR train
 step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode inference, image
 decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of
@@ -49,8 +51,7 @@ def timed(fn, repeats, device, warmup=2):
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
+    return train.seconds_since(start, device) / repeats
 
 
 def sync(device):
@@ -106,20 +107,16 @@ def measure(task, cfg, device, repeats):
     x = task.images[:batch].float() / 255.0
     for name, fn in augmentation_ops(task, x, task.generator).items():
         results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
-    views = task.method.views(task.images[:batch], task.generator)  # (V * B, 3, H, W)
+    views = train.channels_last(task.method.views(task.images[:batch], task.generator))  # (V * B, 3, H, W)
 
-    def train_step():
+    def train_step():  # PretrainTask.train_step on these views, without Task.step's batch drawing and lr schedule
         with train.autocast(device):
             z = task.compiled(views)
-        loss = task.method.loss(z, batch)
-        task.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        task.optimizer.step()
+        train.optimize(task.optimizer, task.method.loss(z, batch))
 
     start = time.perf_counter()
     train_step()  # the first call compiles when compile is on
-    sync(device)
-    results["first step (compile) s"] = round(time.perf_counter() - start, 2)
+    results["first step (compile) s"] = round(train.seconds_since(start, device), 2)
     results["train step views/s"] = round(len(views) / timed(train_step, repeats, device))
     results.update(full_epoch(task, device))
     results["inference img/s"] = round(len(task.images) / timed(
@@ -170,7 +167,7 @@ def rates_from(results, evaluate_seconds):
 
 def study_from(p, facts):
     """The study params.yaml describes, on the prepared data's image counts (data.limit applied; the data
-    stage decodes the whole source before it subsets, so with a limit its decoding is undercounted)."""
+    stage reads (decodes or resizes) the whole source before it subsets, so with a limit that is undercounted)."""
     images = facts.images
     return budget.Study(train_images=images["train"], unlabeled_images=facts.unlabeled, test_images=images["test"],
                         val_images=p.data.val_size, fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
@@ -185,8 +182,7 @@ def full_epoch(task, device):
     start = time.perf_counter()
     for step in range(task.steps_per_epoch):
         task.step(0, step)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = train.seconds_since(start, device)
     images = task.steps_per_epoch * task.images_per_step
     return {"epoch seconds": round(seconds, 3), "epoch img/s": round(images / seconds),
             "epoch views/s": round(task.method.views_per_image * images / seconds),

@@ -103,7 +103,7 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     with distributed.main_only(mlflow_run) as mlrun:
         task = FinetuneTask(data, context["classifier"], start, args.mode, cfg, context["standardize"], seed, steps,
                             device, on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
-        train.run_epochs(task, cfg.max_epochs, steps, checkpoint, cfg.checkpoint_seconds, f"{args.mode} {key}")
+        train.run_epochs(task, cfg.max_epochs, checkpoint, cfg.checkpoint_seconds, f"{args.mode} {key}")
         y_pred = task.test_predictions(context["test_x"])
         test = classification_metrics(context["test_y"], y_pred, len(context["facts"].classes))
         mlrun.log_metrics({f"test_{k}": v for k, v in test.items() if isinstance(v, float)})

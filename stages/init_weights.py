@@ -19,12 +19,12 @@ def run(args):
     model, seeds = p.model, p.finetune.seeds
     stem = stem_for(prepared.read_facts(args.data).image_size, model.standard_stem_from)
     backbones, read = {}, {"model": model.model_dump(), "finetune": {"seeds": seeds}}  # the params dvc.yaml names
-    with removed_on_failure(args.out), tracking.stage_run("init", read) as run:
+    with removed_on_failure(args.out), tracking.stage_run("init", read) as mlrun:
         for seed in seeds:
             torch.manual_seed(seed)
             backbones[seed] = ResNet(model.arch, model.width, stem)
         save_backbones(args.out, backbones, origin="random", params=read)
-        run.log_metrics({"backbone_parameters": sum(t.numel() for t in backbones[seeds[0]].parameters())})
+        mlrun.log_metrics({"backbone_parameters": sum(t.numel() for t in backbones[seeds[0]].parameters())})
     log(f"init: random {model.arch} width {model.width} ({stem} stem) weights for seeds "
         f"{', '.join(map(str, seeds))} -> {args.out}")
 

@@ -58,9 +58,9 @@ def run(args):
         backbone = ResNet(p.model.arch, p.model.width, stem)
         task = PretrainTask(METHODS[cfg.method](cfg, standardize), images, backbone, monitor, cfg, p.seed, device,
                             on_epoch=lambda row: mlrun.log_metrics(row, step=row["epoch"]))
-        train.run_epochs(task, cfg.epochs, task.steps_per_epoch, checkpoint, cfg.checkpoint_seconds, "pretrain")
+        train.run_epochs(task, cfg.epochs, checkpoint, cfg.checkpoint_seconds, "pretrain")
         if distributed.is_main():
-            summary = write_outputs(args, p, task, device)
+            summary = write_outputs(args, p, task)
             mlrun.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
             for path in outputs[len(args.out):]:
                 mlrun.log_artifact(path)
@@ -78,7 +78,7 @@ def knn_monitor(images, labels, val, facts, standardize, cfg):
                       cfg.knn_k, cfg.knn_temperature)
 
 
-def write_outputs(args, p, task, device):
+def write_outputs(args, p, task):
     history = task.history
     last_knn = next(row["knn_accuracy"] for row in reversed(history) if row["knn_accuracy"] is not None)
     images, views = len(history) * task.steps_per_epoch * task.images_per_step, task.method.views_per_image
@@ -90,7 +90,7 @@ def write_outputs(args, p, task, device):
         "seconds_per_epoch": round(task.train_seconds / len(history), 3),
         "images_per_second": round(images / task.train_seconds),  # training images a second
         "views_per_second": round(views * images / task.train_seconds),  # augmented views through the network
-        "device": train.device_name(device),
+        "device": train.device_name(task.device),
         "processes": distributed.world(),
     }
     for out in args.out:

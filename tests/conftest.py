@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.lib.augment import Standardize
+
 # CIFAR-10's classes in its label order (alphabetical, as a folder copy sorts them)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))  # CIFAR-like statistics for the tests
 
 
 @pytest.fixture(autouse=True)

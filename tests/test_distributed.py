@@ -14,8 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 from stages.lib import distributed, splits
-from stages.lib.losses import nt_xent
-from tests.conftest import REPO, save_data, synthetic_images, write_params
+from stages.lib import params as params_lib
+from stages.lib.simclr import SimCLR
+from tests.conftest import REPO, STANDARDIZE, save_data, synthetic_images, write_params
 
 BATCH, DIM = 8, 16
 
@@ -37,11 +38,17 @@ def make_model():
                                torch.nn.Linear(32, DIM))
 
 
+def simclr():
+    """The SimCLR method pretraining runs, at temperature 0.5."""
+    cfg = params_lib.load(REPO / "params.yaml", "pretrain").pretrain.model_copy(update={"temperature": 0.5})
+    return SimCLR(cfg, STANDARDIZE)
+
+
 def contrastive_step(model, view1, view2):
-    """The pretraining step's shape: both views in one forward, negatives gathered from every rank."""
-    local = len(view1)
+    """The pretraining step's shape: both views in one forward, and SimCLR's loss, whose negatives are
+    gathered from every rank."""
     z = model(torch.cat([view1, view2]))  # (2b, D)
-    loss = nt_xent(distributed.gather(z[:local]), distributed.gather(z[local:]), 0.5)
+    loss = simclr().loss(z, len(view1))
     loss.backward()
     return loss.item()
 

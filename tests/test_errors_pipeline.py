@@ -82,6 +82,7 @@ class NaNTask:
 
     def __init__(self, bad):
         self.device, self.bad, self.weight, self.images_per_step = torch.device("cpu"), bad, 0.0, 1
+        self.steps_per_epoch = 6
 
     def restore(self, state):
         self.weight = state["weight"]
@@ -101,7 +102,7 @@ class NaNTask:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = train.Checkpoint(tmp_path / "checkpoint.pt", {"config": 1})
     with pytest.raises(StageError) as error:
-        train.run_epochs(NaNTask(bad=(2, 3)), 5, 6, checkpoint, 0, "pretrain")
+        train.run_epochs(NaNTask(bad=(2, 3)), 5, checkpoint, 0, "pretrain")
     assert "loss is nan at epoch 3, step 4" in str(error.value)
     assert f"the last good checkpoint is {tmp_path / 'checkpoint.pt'}" in str(error.value)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)

@@ -9,14 +9,12 @@ import torch
 
 from stages.lib import params as params_lib
 from stages.lib import train
-from stages.lib.augment import Standardize
 from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
-from tests.conftest import synthetic_images, write_params
+from tests.conftest import STANDARDIZE, synthetic_images, write_params
 
 CPU = torch.device("cpu")
-STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 def finetune_params(tmp_path, **overrides):
@@ -49,7 +47,7 @@ def make_task(mode, start, p, seed=0, classifier=None):
 
 
 def run(tmp_path, task, p):
-    train.run_epochs(task, p.max_epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}),
+    train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / "ck.pt", {}),
                      100_000, task.mode)
     return task
 
@@ -86,13 +84,13 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 2})
     task = make_task("ssl", copy_of(backbone), p)
     head_before = task.model.head.weight.clone()
-    train.run_epochs(task, 2, task.steps_per_epoch, train.Checkpoint(tmp_path / "a.pt", {}), 100_000, "ssl")
+    train.run_epochs(task, 2, train.Checkpoint(tmp_path / "a.pt", {}), 100_000, "ssl")
     for key, value in task.model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert not torch.equal(task.model.head.weight, head_before)
     # Epochs 1-3 again (no checkpoint; the head is already trained): two head-only, then one that trains
     # the backbone.
-    train.run_epochs(task, 3, task.steps_per_epoch, train.Checkpoint(tmp_path / "b.pt", {}), 100_000, "ssl")
+    train.run_epochs(task, 3, train.Checkpoint(tmp_path / "b.pt", {}), 100_000, "ssl")
     assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
 
 
@@ -113,7 +111,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, stop_at):
             return step(epoch, index)
 
         task.step = stopping_step
-        train.run_epochs(task, p.max_epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / name, {}), 100_000,
+        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / name, {}), 100_000,
                          "ssl")
         return task
 

@@ -50,13 +50,13 @@ def test_cifar_stem_weights_are_bit_identical_to_the_plain_reference(arch, block
     assert not torch.equal(ResNet(arch, width, "cifar").state_dict()["stem.0.weight"], reference["stem.0.weight"])
 
 
-@pytest.mark.parametrize("size", [32, 40])
-def test_cifar_stem_keeps_the_side_and_has_no_max_pool(size):
-    backbone = ResNet("resnet18", 8, "cifar")
+@pytest.mark.parametrize("size, width", [(32, 8), (40, 8), (32, 64)])
+def test_cifar_stem_keeps_the_side_and_has_no_max_pool(size, width):
+    backbone = ResNet("resnet18", width, "cifar")
     assert backbone.stem_type == "cifar"
     x = torch.rand(2, 3, size, size)
-    assert backbone.stem(x).shape == (2, 8, size, size)
-    assert backbone(x).shape == (2, 64)
+    assert backbone.stem(x).shape == (2, width, size, size)
+    assert backbone(x).shape == (2, 8 * width)  # features: 8 x width
     conv = backbone.stem[0]
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
     assert not any(isinstance(m, nn.MaxPool2d) for m in backbone.modules())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.lib import train
-from stages.lib.augment import SimCLRAugment, Standardize, SupervisedAugment
+from stages.lib.augment import SimCLRAugment, SupervisedAugment
 from stages.lib.cli import StageError
 from stages.lib.knn import KNNMonitor
 from stages.lib.losses import nt_xent
@@ -16,10 +16,8 @@ from stages.lib.models import ResNet
 from stages.lib.params import SupervisedAugmentParams
 from stages.lib.pretraining import Method, PretrainTask
 from stages.lib.simclr import SimCLR
-from tests.conftest import synthetic_images, write_params
+from tests.conftest import STANDARDIZE, synthetic_images, write_params
 from stages.lib import params as params_lib
-
-STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 def nt_xent_reference(z1, z2, temperature):
@@ -120,15 +118,6 @@ def test_a_method_must_give_every_part():
         Incomplete()
 
 
-@pytest.mark.parametrize("width", [8, 64])
-def test_backbone_feature_size_and_cifar_stem(width):
-    backbone = ResNet("resnet18", width, "cifar")
-    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 8 * width)
-    stem_conv = backbone.stem[0]
-    assert stem_conv.kernel_size == (3, 3) and stem_conv.stride == (1, 1)
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in backbone.modules())
-
-
 def make_task(tmp_path, epochs=3):
     x, y = synthetic_images(16, seed=0)
     images = train.images_to_device(x, torch.device("cpu"))
@@ -161,7 +150,7 @@ def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
 
     task.step = interrupted_step
     checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p.model_dump()})
-    train.run_epochs(task, p.epochs, task.steps_per_epoch, checkpoint, 0, "pretrain")
+    train.run_epochs(task, p.epochs, checkpoint, 0, "pretrain")
     return task
 
 
@@ -227,6 +216,6 @@ def test_gpu_pretraining_with_bf16_compile_and_channels_last(tmp_path):
                          p.knn_temperature)
     task = PretrainTask(SimCLR(p, STANDARDIZE), images, ResNet("resnet18", 16, "cifar"), monitor, p, 0, device,
                         on_epoch=lambda row: None)
-    train.run_epochs(task, p.epochs, task.steps_per_epoch, train.Checkpoint(tmp_path / "ck.pt", {}), 0, "gpu")
+    train.run_epochs(task, p.epochs, train.Checkpoint(tmp_path / "ck.pt", {}), 0, "gpu")
     assert all(math.isfinite(row["loss"]) for row in task.history)
     assert task.history[-1]["knn_accuracy"] is not None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.lib import distributed, train
+from stages.lib import train
 from stages.lib.augment import SupervisedAugment
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import Classifier
@@ -25,7 +25,7 @@ from stages.lib.models import Classifier
 def build_classifier(backbone, num_classes, mode, cfg, device):
     """(model, module to train through) for every cell of a process: compiled once when asked.
     `cfg` is params' FinetuneParams."""
-    model = Classifier(backbone, num_classes).to(device)
+    model = Classifier(backbone, num_classes)  # prepare_model moves it to the device
     if mode == "linear":
         model.backbone.requires_grad_(False)
     return model, train.prepare_model(model, device, cfg.compile, cfg.sync_batchnorm)
@@ -41,23 +41,19 @@ class FinetuneTask(train.Task):
     kept = ("history", "best", "best_accuracy", "best_epoch", "train_seconds")
 
     def __init__(self, data, classifier, start, mode, cfg, standardize, seed, steps_per_epoch, device, on_epoch):
-        super().__init__()
-        self.data, self.mode, self.cfg, self.seed, self.device = data, mode, cfg, seed, device
-        self.steps_per_epoch, self.on_epoch = steps_per_epoch, on_epoch
-        self.total_steps, self.warmup_steps = cfg.max_epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        super().__init__(cfg.batch_size, "finetune.batch_size", steps_per_epoch, cfg.max_epochs, cfg.warmup_epochs,
+                         cfg.lr, seed, device)
+        self.data, self.mode, self.cfg, self.on_epoch = data, mode, cfg, on_epoch
         self.val_y = data["val_y"].cpu().numpy()  # (V,) for the metrics, copied to the host once
         self.model, self.compiled = classifier
         self.num_classes = self.model.head.out_features
         start(self.model.backbone)
         torch.manual_seed(seed)  # the head's initial weights
         self.model.head.reset_parameters()
-        self.images_per_step = cfg.batch_size  # global: split evenly over the processes
-        self.local = distributed.per_rank_batch(cfg.batch_size, "finetune.batch_size")
         groups = (train.param_groups(self.model.backbone, cfg.weight_decay, cfg.backbone_lr_scale, "backbone")
                   + train.param_groups(self.model.head, cfg.weight_decay, part="head"))
         self.optimizer = train.make_optimizer("sgd", groups, cfg.lr, cfg.momentum)
         self.standardize, self.augment = standardize, SupervisedAugment(cfg.augment, standardize)
-        self.generator = train.rank_generator(seed, device)
         self.best, self.best_accuracy, self.best_epoch = None, -1.0, 0
 
     def batch_order(self, epoch):
@@ -83,10 +79,7 @@ class FinetuneTask(train.Task):
                     for param in group["params"]:  # (a resume keeps the momentum its checkpoint restored)
                         self.optimizer.state.pop(param, None)
 
-    def train_step(self, epoch, step):
-        lr = train.lr_at(epoch * self.steps_per_epoch + step, self.total_steps, self.warmup_steps, self.cfg.lr)
-        train.set_lr(self.optimizer, lr)
-        index = train.rank_batch(self.order, step, self.cfg.batch_size, self.local)
+    def train_step(self, epoch, index):
         x = train.channels_last(self.augment(self.data["images"][index], self.generator))  # float32 (b, 3, H, W)
         with train.autocast(self.device):
             logits = self.compiled(x)  # (b, C)

@@ -38,14 +38,10 @@ class KNNMonitor:
         self.standardize, self.k, self.temperature = standardize, k, temperature
 
     def __call__(self, backbone):
-        return knn_accuracy(backbone, *self.train, *self.val, self.num_classes, self.standardize, self.k,
-                            self.temperature)
-
-
-def knn_accuracy(backbone, train_images, train_labels, val_images, val_labels, num_classes, standardize, k,
-                 temperature):
-    """Fraction of validation images whose kNN label (from the training images) is right."""
-    train_features = embed(backbone, train_images, standardize)  # (N, D)
-    val_features = embed(backbone, val_images, standardize)  # (V, D)
-    predicted = knn_predict(train_features, train_labels, val_features, k, temperature, num_classes)
-    return (predicted == val_labels).float().mean().item()
+        """Fraction of validation images whose kNN label (from the training images) is right."""
+        (train_images, train_labels), (val_images, val_labels) = self.train, self.val
+        train_features = embed(backbone, train_images, self.standardize)  # (N, D)
+        val_features = embed(backbone, val_images, self.standardize)  # (V, D)
+        predicted = knn_predict(train_features, train_labels, val_features, self.k, self.temperature,
+                                self.num_classes)
+        return (predicted == val_labels).float().mean().item()

@@ -43,27 +43,19 @@ class PretrainTask(train.Task):
     `cfg` is params' PretrainParams; `monitor(backbone)` -> accuracy; `on_epoch(row)` logs each epoch."""
 
     def __init__(self, method, images, backbone, monitor, cfg, seed, device, on_epoch):
-        super().__init__()
-        self.method, self.images, self.monitor, self.cfg = method, images, monitor, cfg
-        self.seed, self.device, self.on_epoch = seed, device, on_epoch
-        self.images_per_step = cfg.batch_size  # global: split evenly over the processes
-        self.local = distributed.per_rank_batch(cfg.batch_size, "pretrain.batch_size")
-        self.steps_per_epoch = len(images) // cfg.batch_size
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
-        self.model = BackboneWithHead(backbone, method.head(backbone.feature_dim)).to(device)
+        super().__init__(cfg.batch_size, "pretrain.batch_size", len(images) // cfg.batch_size, cfg.epochs,
+                         cfg.warmup_epochs, cfg.lr, seed, device)
+        self.method, self.images, self.monitor, self.cfg, self.on_epoch = method, images, monitor, cfg, on_epoch
+        self.model = BackboneWithHead(backbone, method.head(backbone.feature_dim))  # moved by prepare_model
         self.compiled = train.prepare_model(self.model, device, cfg.compile, cfg.sync_batchnorm)
         self.optimizer = train.make_optimizer(cfg.optimizer, train.param_groups(self.model, cfg.weight_decay),
                                               cfg.lr, cfg.momentum)
-        self.generator = train.rank_generator(seed, device)  # each rank draws its own augmentations
 
     def batch_order(self, epoch):
         return train.epoch_order(len(self.images), self.seed, epoch, self.device)
 
-    def train_step(self, epoch, step):
-        global_step = epoch * self.steps_per_epoch + step
-        train.set_lr(self.optimizer, train.lr_at(global_step, self.total_steps, self.warmup_steps, self.cfg.lr))
-        x = self.images[train.rank_batch(self.order, step, self.images_per_step, self.local)]  # uint8 (b, 3, H, W)
+    def train_step(self, epoch, index):
+        x = self.images[index]  # uint8 (b, 3, H, W)
         views = train.channels_last(self.method.views(x, self.generator))  # (V * b, 3, H, W)
         with train.autocast(self.device):
             outputs = self.compiled(views)  # (V * b, D)

@@ -99,7 +99,10 @@ class LARS(torch.optim.Optimizer):
                     p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     ratio = torch.where((p_norm > 0) & (u_norm > 0), group["trust"] * p_norm / u_norm, 1.0)
                     update = update * ratio
-                buffer = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                buffer = state["momentum"]
                 buffer.mul_(group["momentum"]).add_(update)
                 p.add_(buffer, alpha=-group["lr"])
 
@@ -146,19 +149,35 @@ def set_lr(optimizer, lr):
 class Task(ABC):
     """What `run_epochs` drives: pretraining and fine-tuning, with a checkpointable state.
 
-    Subclasses call `Task.__init__`, set model, optimizer, generator (see `rank_generator`), device and
-    images_per_step, name in `kept` the attributes that a checkpoint must carry besides those, and supply
-    an epoch's batch order (`batch_order`), what else starts an epoch (`start_epoch`), one training step
-    (`train_step`) and the epoch's end (`finish_epoch`). `step` and `end_epoch` do the bookkeeping they
-    share: the epoch's order and clock, started lazily by the epoch's first step here (so a direct
-    `task.step(0, i)`, as in stages/bench.py, works too), and the training seconds (`train_seconds`).
+    Subclasses call `Task.__init__` (the batch, the warm-up + cosine schedule, the seed and the device), set
+    model and optimizer, name in `kept` the attributes that a checkpoint must carry besides those, and supply
+    an epoch's batch order (`batch_order`), what else starts an epoch (`start_epoch`), one training step on
+    this rank's batch (`train_step`) and the epoch's end (`finish_epoch`). `step` and `end_epoch` do the
+    bookkeeping they share: the epoch's order and clock, started lazily by the epoch's first step here (so a
+    direct `task.step(0, i)`, as in stages/bench.py, works too), the learning rate of each step, the rank's
+    share of its batch, and the training seconds (`train_seconds`).
     """
 
     kept = ("history", "train_seconds")
     device: torch.device
     images_per_step: int  # global batch: images of one step over all processes
+    steps_per_epoch: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
-    def __init__(self):
+    def __init__(self, batch_size: int, batch_param: str, steps_per_epoch: int, epochs: int, warmup_epochs: int,
+                 peak_lr: float, seed: int, device: torch.device):
+        """`batch_size` is the global batch (split evenly over the processes; `batch_param` names it in
+        params.yaml for the message when it does not split); the schedule warms up over `warmup_epochs`
+        to `peak_lr` and decays to 0 at `epochs`; `seed` seeds this rank's random stream (`generator`)."""
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch = {steps_per_epoch}: a task needs at least one step an epoch")
+        self.images_per_step = batch_size
+        self.local = distributed.per_rank_batch(batch_size, batch_param)  # this rank's images of a step
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps, self.warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+        self.peak_lr, self.seed, self.device = peak_lr, seed, device
+        self.generator = rank_generator(seed, device)  # each rank draws its own augmentations
         self.history, self.train_seconds = [], 0.0
         self.order, self.order_epoch, self.epoch_start = None, None, 0.0  # order_epoch: the epoch begun
         self.resumed_seconds = 0.0  # seconds the restored epoch had run before its checkpoint
@@ -171,18 +190,22 @@ class Task(ABC):
         """Anything else an epoch's start sets; `fresh` is False when a resume starts it after its first step."""
 
     @abstractmethod
-    def train_step(self, epoch: int, step: int) -> torch.Tensor:
-        """One training step on `self.order`; its loss, left on the device (no host sync)."""
+    def train_step(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """One training step on this rank's batch `index` (`local` indices from `self.order`), at the learning
+        rate `step` has set; its loss, left on the device (no host sync)."""
 
     @abstractmethod
     def finish_epoch(self, epoch: int, mean_loss: float, seconds: float) -> dict | None:
         """The epoch's end, `seconds` of training: {name: value} for the epoch's log line, or None."""
 
     def step(self, epoch, step):
-        """One training step (`train_step`), after starting the epoch if this is its first step here."""
+        """One training step (`train_step`), after starting the epoch if this is its first step here
+        (`start_epoch` runs before the step's learning rate is set: it may change the groups' lr_scale)."""
         if self.order_epoch != epoch:
             self._begin_epoch(epoch, fresh=step == 0)
-        return self.train_step(epoch, step)
+        set_lr(self.optimizer, lr_at(epoch * self.steps_per_epoch + step, self.total_steps, self.warmup_steps,
+                                     self.peak_lr))
+        return self.train_step(epoch, rank_batch(self.order, step, self.images_per_step, self.local))
 
     def end_epoch(self, epoch, mean_loss):
         """After the epoch's last step: adds its training seconds and returns `finish_epoch`'s fields. A resume
@@ -303,16 +326,18 @@ class StopSignal:
         return False
 
 
-def run_epochs(task, epochs, steps_per_epoch, checkpoint, checkpoint_seconds, label, checks_per_epoch=4):
-    """Drive `task` through epochs of steps with checkpoints, NaN checks, signals and progress.
+def run_epochs(task, epochs, checkpoint, checkpoint_seconds, label, checks_per_epoch=4):
+    """Drive `task` through epochs of its `steps_per_epoch` steps with checkpoints, NaN checks, signals and
+    progress.
 
-    `task` is a `Task` (or has its attributes and methods: step, end_epoch, restore, state).
-    The host reads the device only `checks_per_epoch` times an epoch (NaN check, and the running loss when
-    the progress bar is shown), so the GPU is never kept waiting between steps. A checkpoint is written at
+    `task` is a `Task` (or has its attributes and methods: device, images_per_step, steps_per_epoch, step,
+    end_epoch, restore, state). The host reads the device only about `checks_per_epoch` times an epoch (every
+    steps_per_epoch // checks_per_epoch steps, and at the last: the NaN check, and the running loss when the
+    progress bar is shown), so the GPU is never kept waiting between steps. A checkpoint is written at
     the end of an epoch once `checkpoint_seconds` have passed since the last one (0: every epoch), so its
     cost stays small. Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
-    state = checkpoint.load()
+    state, steps_per_epoch = checkpoint.load(), task.steps_per_epoch
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
     single, check_every = distributed.world() == 1, max(1, steps_per_epoch // checks_per_epoch)
     last_save = time.monotonic()
