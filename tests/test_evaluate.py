@@ -255,3 +255,13 @@ def test_cifar10_is_recognised_by_the_data_name_and_cifar100_is_not():
              (("cifar10", "https://example.org/c10"), ("cifar100", "https://example.org/c100"),
               ("data/cifar10-jpeg.tar.gz", None), ("/data/cifar100_png", None), ("/data/my-flowers.zip", None))]
     assert [report.is_cifar10(name) for name in names] == [True, False, True, False, False]
+
+
+def test_data_section_says_why_no_source_sha256_is_recorded():
+    lines = [next(line for line in report.data_section(f, {}).splitlines() if "SHA-256" in line) for f in
+             (facts("cifar10", url="https://example.org/c10"), facts("/data/flowers"),
+              prepared.data_facts({"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)},
+                                  CLASSES, source="/data/flowers.zip", sha256="ab" * 32))]
+    assert lines == ["- SHA-256 of the source: none recorded (a torchvision download, checked by its own checksum)",
+                     "- SHA-256 of the source: none recorded (a folder, not an archive file)",
+                     f"- SHA-256 of the source: `{'ab' * 32}`"]

@@ -49,8 +49,12 @@ def _typed(kind, rule):
     return Annotated[kind, BeforeValidator(rule)]
 
 
+def _at_least(low):
+    return Rule(lambda v: _is_int(v) and v >= low, f"must be an integer >= {low}")
+
+
 def Integer(low):  # noqa: N802 - a type
-    return _typed(int, Rule(lambda v: _is_int(v) and v >= low, f"must be an integer >= {low}"))
+    return _typed(int, _at_least(low))
 
 
 def Between(low, high):  # noqa: N802
@@ -73,7 +77,6 @@ def _distinct_list(item, what):
                 f"must be {what}, or a non-empty list of distinct such values", items)
 
 
-_INT0 = Rule(lambda v: _is_int(v) and v >= 0, "")
 _FRACTION = Rule(lambda v: _is_number(v) and 0 < v <= 1, "")
 Positive = _typed(float, Rule(lambda v: _is_number(v) and v > 0, "must be a number > 0"))
 NonNegative = _typed(float, Rule(lambda v: _is_number(v) and v >= 0, "must be a number >= 0"))
@@ -83,7 +86,7 @@ UnitFraction = _typed(float, Rule(_FRACTION.check, "must be a number in (0, 1]")
 Flag = _typed(bool, Rule(lambda v: isinstance(v, bool), "must be true or false"))
 Text = _typed(str, Rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string"))
 Fractions = _typed(list[float], _distinct_list(_FRACTION, "a number in (0, 1]"))
-Seeds = _typed(list[int], _distinct_list(_INT0, "an integer >= 0"))
+Seeds = _typed(list[int], _distinct_list(_at_least(0), "an integer >= 0"))
 MODES = ("baseline", "ssl", "linear")
 Modes = _typed(list[str], Rule(lambda v: isinstance(v, list) and bool(v) and all(x in MODES for x in v)
                                and len(set(v)) == len(v),
@@ -100,7 +103,7 @@ class DataParams(Section):
     source: Text
     image_size: Integer(8)
     test_fraction: OpenUnit
-    limit: _typed(Optional[int], _optional(Rule(lambda v: _is_int(v) and v >= 10, "an integer >= 10")))
+    limit: _typed(Optional[int], _optional(_at_least(10)))
     val_size: Integer(10)
 
 

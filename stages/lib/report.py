@@ -231,9 +231,10 @@ def pretrain_section(pretrain):
 
 
 def data_section(facts, devices):
+    unrecorded = "a torchvision download, checked by its own checksum" if facts.url else "a folder, not an archive file"
     lines = [f"- Data: `{facts.name}` from `{facts.url or facts.source}`",
              f"- SHA-256 of the source: `{facts.sha256}`" if facts.sha256
-             else "- SHA-256 of the source: none recorded (not an archive file)",
+             else f"- SHA-256 of the source: none recorded ({unrecorded})",
              f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
              f"{facts.test_split}"]
     for split, per_class in facts.counts.items():

@@ -1,4 +1,4 @@
-"""MLflow tracking shared by every stage: one run per stage invocation (and per fine-tuning cell).
+"""MLflow tracking shared by every stage: one run per stage invocation (per cell for the fine-tuning stages).
 
 Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite store keeps
 its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
@@ -128,9 +128,10 @@ class Run:
 def dataset(facts, context, subset=None):
     """The prepared data as a run input: {name, source, digest, context}, from its facts
     (prepared.DataFacts): the data set's name (cifar10, ... or the local source's file or folder
-    name), where it came from (the download URL, or the local path) and the prepared arrays'
-    SHA-256. `subset`, (name, fingerprint of its indices), names the part a run trains on, e.g.
-    ('n10', '3fa2...').
+    name), where it came from (the download URL, or the local path) and the first 8 hex digits of
+    the prepared arrays' SHA-256. `subset`, (name, fingerprint of its indices), names the part a run
+    trains on, e.g. ('n10', '3fa2...'); its digest is then 8 hex digits of a SHA-256 of that digest
+    and the fingerprint.
     """
     name, source = facts.name, facts.url or str(repo_root() / facts.source)  # an absolute path stays as it is
     digest = facts.content_sha256
