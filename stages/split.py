@@ -19,10 +19,10 @@ def run(args):
     with removed_on_failure(args.out), tracking.stage_run("split", p.as_dict(), data=data) as run:
         with atomic_path(args.out) as tmp:
             splits.save_splits(tmp, val, labeled)
-        sizes = {f"labeled_{splits.fraction_key(f)}": len(i) for f, i in labeled.items()}
-        run.log_metrics({"val_images": len(val), **sizes})
-    sizes = ", ".join(f"{splits.fraction_key(f)}: {len(i)}" for f, i in labeled.items())
-    log(f"split: validation {len(val)}, labeled {sizes} -> {args.out}")
+        sizes = {splits.fraction_key(f): len(i) for f, i in labeled.items()}  # {fraction key: images}
+        run.log_metrics({"val_images": len(val), **{f"labeled_{key}": n for key, n in sizes.items()}})
+    counts = ", ".join(f"{key}: {n}" for key, n in sizes.items())
+    log(f"split: validation {len(val)}, labeled {counts} -> {args.out}")
 
 
 def main(argv=None):

@@ -74,7 +74,7 @@ def test_color_jitter_applies_each_samples_own_order():
         expected = x[b : b + 1]
         for index in order[b].tolist():
             name = JITTER_OPS[index]
-            expected = augment._jitter_op(name, expected, factors[name][:1]).clamp(0, 1)
+            expected = augment._jitter_op(name, expected, factors[name][:1])  # each op clips to [0, 1]
         torch.testing.assert_close(out[b : b + 1], expected)
     torch.testing.assert_close(out[7], x[7])  # jitter off: unchanged
     # Several orders were drawn, and the order matters: brightness then contrast is not contrast then brightness.
@@ -189,8 +189,9 @@ def test_simclr_views_blur_only_from_blur_from_pixels():
     """SimCLR blurs ImageNet-size views (p = blur_p), never CIFAR's: below blur_from nothing is drawn."""
     from stages.lib import params
     from stages.lib.augment import SimCLRAugment, Standardize
+    from tests.conftest import REPO
 
-    cfg = params.load("params.yaml", "pretrain").pretrain.augment
+    cfg = params.load(REPO / "params.yaml", "pretrain").pretrain.augment
     standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     for size, blurred in ((cfg.blur_from - 1, False), (cfg.blur_from, True)):
         images = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)

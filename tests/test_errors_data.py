@@ -58,15 +58,14 @@ def test_bad_data_source_is_named(tmp_path, build, culprits):
         assert culprit in str(error.value)
 
 
-FAKES = {  # a stand-in for each named data set's torchvision class that fails as given
-    "cifar10": ("CIFAR10", lambda error: lambda root, train, download: _raise(error)),
-    "cifar100": ("CIFAR100", lambda error: lambda root, train, download: _raise(error)),
-    "stl10": ("STL10", lambda error: lambda root, split, download: _raise(error)),
-}
+FAKES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}  # name -> torchvision class
 
 
-def _raise(error):
-    raise error
+def _failing(error):
+    """A stand-in torchvision data set class whose construction fails with `error`."""
+    def dataset_class(root, download, **split):
+        raise error
+    return dataset_class
 
 
 @pytest.mark.parametrize("name", FAKES)
@@ -76,8 +75,7 @@ def _raise(error):
     ConnectionResetError("Connection reset by peer"),
 ], ids=["unreachable", "corrupted", "reset"])
 def test_failed_download_says_how_to_use_a_local_copy(tmp_path, fake_torchvision, error, name):
-    attribute, fake = FAKES[name]
-    setattr(fake_torchvision, attribute, fake(error))
+    setattr(fake_torchvision, FAKES[name], _failing(error))
     with pytest.raises(UserError) as raised:
         sources.read_source(name, 32, 0.2, 0, tmp_path / "download")
     message = str(raised.value)

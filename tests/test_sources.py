@@ -147,6 +147,19 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
     assert np.bincount(found.train[1]).tolist() == [1, 1] and np.bincount(found.test[1]).tolist() == [1, 1]
 
 
+def test_class_folders_with_images_deeper_below_train_and_test(tmp_path):
+    """train/<class>/images/* and test/<class>/images/* (tiny-imagenet style): split roots, not classes."""
+    for split, levels in (("train", (10, 20, 30, 40)), ("test", (200, 220))):
+        for index, level in enumerate(levels):
+            name = ("ant", "bee")[index % 2]
+            image = encode(Image.new("L", (24, 24), level), "PNG")
+            write(tmp_path / "tiny", f"{split}/{name}/images/{level}.png", image)
+    found = sources.read_source(str(tmp_path / "tiny"), 24, 0.5, 0, tmp_path / "dl")
+    assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
+    assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]
+    assert found.test[0][:, 0, 0, 0].tolist() == [200, 220] and found.test[1].tolist() == [0, 1]
+
+
 def test_hold_out_too_small_a_class_is_named(tmp_path):
     root = numbered_flat_folder(tmp_path / "flat", per_class=(10, 10, 2))
     with pytest.raises(UserError) as error:

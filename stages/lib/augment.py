@@ -24,14 +24,15 @@ class Standardize:
                                 torch.tensor(self.std, device=device).view(1, 3, 1, 1))
         return self._on[device]
 
-    def __call__(self, x):
-        """float32 in [0, 1] (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
+    def __call__(self, x, in_place=False):
+        """float32 in [0, 1] (B, 3, H, W) -> standardized float32 (B, 3, H, W). in_place: overwrite x
+        (only for a pipeline's own temporary, never the caller's tensor); the values are the same."""
         mean, std = self._statistics(x.device)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std) if in_place else (x - mean) / std
 
     def images(self, x):
         """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
-        return self(x.float() / 255.0)
+        return self(x.float() / 255.0, in_place=True)  # the division made a new tensor
 
 
 def _uniform(generator, shape, low, high, device):
@@ -194,10 +195,10 @@ class SimCLRAugment:
         x = self._jitter(x, generator)
         gray = _chance(generator, batch, cfg.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
-        if min(height, width) >= cfg.blur_from:  # below it nothing is drawn: CIFAR's stream is unchanged
-            x = random_blur(x, generator, cfg.blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
-                            blur_kernel_size(min(height, width)))
-        return self.standardize(x)
+        blur_p = cfg.blur_p if min(height, width) >= cfg.blur_from else 0.0  # p 0 draws nothing (CIFAR)
+        x = random_blur(x, generator, blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
+                        blur_kernel_size(min(height, width)))
+        return self.standardize(x, in_place=True)  # x is this call's own tensor (each step above made a new one)
 
     def _jitter(self, x, generator):
         """Colour jitter with probability jitter_p: per-sample factors, per-sample order."""

@@ -81,8 +81,9 @@ def _download(what, download_dir, dataset_class, **kwargs):
     except (OSError, RuntimeError, http.client.HTTPException) as error:
         raise UserError(
             f"could not download {what} into {download_dir} ({type(error).__name__}: {error}); "
-            "without internet, set data.source in params.yaml to a local copy (a folder or .tar/.tar.gz/.zip "
-            "archive of train/<class>/ and test/<class>/ images), e.g. dvc exp run -S data.source=path/to/copy.tar.gz"
+            f"without internet, set data.source in params.yaml to a local copy (a folder or {'/'.join(ARCHIVES)} "
+            "archive of train/<class>/* with optional test/<class>/*, or of <class>/*), "
+            "e.g. dvc exp run -S data.source=path/to/copy.tar.gz"
         ) from None
 
 
@@ -148,7 +149,7 @@ def fit(image, size):
     if (width, height) == (size, size):
         return image
     scale = size / min(width, height)
-    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    resized = (round(width * scale), round(height * scale))  # the shorter side rounds to size exactly
     if resized != (width, height):
         image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
     left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
@@ -290,9 +291,15 @@ def _collect(files, source):
     return bases, tree, empty
 
 
+def _split_root(parts):
+    """The parts above the first train/ or test/ in a file's path that has a class folder and the file
+    below it (train/<class>/*, or deeper in the class folder), or None."""
+    return next((parts[:i] for i, part in enumerate(parts[:-2]) if part in SPLITS), None)
+
+
 def _bases(images, folders, source):
     """{split: the folder (a tuple of parts) that holds its class folders}."""
-    roots = {parts[:-3] for parts, _ in images if len(parts) >= 3 and parts[-3] in SPLITS}
+    roots = {_split_root(parts) for parts, _ in images} - {None}
     if len(roots) > 1:
         places = ", ".join(sorted("/".join(root) or "." for root in roots))
         raise UserError(f"{source}: several train/ and test/ folders found (in {places}); keep one tree")
