@@ -47,16 +47,11 @@ def timed(fn, repeats, device, warmup=2):
     """Seconds per call of fn(), after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    train.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     return train.seconds_since(start, device) / repeats
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def augmentation_ops(task, x, generator):
@@ -101,27 +96,22 @@ def stage_start_seconds(device):
     return time.perf_counter() - start
 
 
-def measure(task, cfg, device, repeats):
-    """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint."""
+def measure(task, cfg, standardize, device, repeats):
+    """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint;
+    `standardize` is the data's augment.Standardize the method was built with (inference uses it)."""
     batch, results = cfg.batch_size, {}
     x = task.images[:batch].float() / 255.0
     for name, fn in augmentation_ops(task, x, task.generator).items():
         results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
-    views = train.channels_last(task.method.views(task.images[:batch], task.generator))  # (V * B, 3, H, W)
-
-    def train_step():  # PretrainTask.train_step on these views, without Task.step's batch drawing and lr schedule
-        with train.autocast(device):
-            z = task.compiled(views)
-        train.optimize(task.optimizer, task.method.loss(z, batch))
-
+    views = task.make_views(task.images[:batch])  # (V * B, 3, H, W)
+    # PretrainTask's step on these views, without Task.step's batch drawing and lr schedule
     start = time.perf_counter()
-    train_step()  # the first call compiles when compile is on
+    task.learn(views)  # the first call compiles when compile is on
     results["first step (compile) s"] = round(train.seconds_since(start, device), 2)
-    results["train step views/s"] = round(len(views) / timed(train_step, repeats, device))
+    results["train step views/s"] = round(len(views) / timed(lambda: task.learn(views), repeats, device))
     results.update(full_epoch(task, device))
     results["inference img/s"] = round(len(task.images) / timed(
-        lambda: train.infer(task.model.backbone, task.images, task.method.augment.standardize), max(1, repeats // 5),
-        device, warmup=1))
+        lambda: train.infer(task.model.backbone, task.images, standardize), max(1, repeats // 5), device, warmup=1))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = train.Checkpoint(Path(tmp) / "ck.pt", {})
         results["checkpoint write s"] = round(timed(lambda: checkpoint.save(task.state(0, 0, None)), 2, device, 1), 3)
@@ -138,13 +128,14 @@ def run(args):
                         "give more images or a smaller batch")
     train.setup(0, device)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
-    method = METHODS[cfg.method](cfg, Standardize(facts.mean, facts.std))  # as the pretrain stage builds it
+    standardize = Standardize(facts.mean, facts.std)
+    method = METHODS[cfg.method](cfg, standardize)  # as the pretrain stage builds it
     backbone = ResNet(p.model.arch, p.model.width, stem_for(size, p.model.standard_stem_from))
     task = PretrainTask(method, images, backbone, lambda model: None, cfg, 0, device, on_epoch=lambda row: None)
     results = {"device": train.device_name(device), "batch_size": cfg.batch_size, "images": n}
     log(f"bench: {results['device']}, {p.model.arch} width {p.model.width}, {size} px, batch {cfg.batch_size}, "
         f"compile {cfg.compile}")
-    results.update(measure(task, cfg, device, args.repeats))
+    results.update(measure(task, cfg, standardize, device, args.repeats))
     results["augmentation share of step"] = round(
         results["epoch views/s"] / results["augment whole pipeline views/s"], 3)
     results["decode img/s"] = round(decode_rate(size))
@@ -178,7 +169,7 @@ def full_epoch(task, device):
     """Time one whole epoch of real training steps (after a few warm-up steps)."""
     for step in range(min(3, task.steps_per_epoch)):
         task.step(0, step)
-    sync(device)
+    train.synchronize(device)
     start = time.perf_counter()
     for step in range(task.steps_per_epoch):
         task.step(0, step)

@@ -19,8 +19,9 @@ def test_budget_rows_are_worked_by_hand():
     # data: 1,000 train + 200 test = 1,200 images decoded at 100/s + start-up.
     assert by_stage["data"]["seconds"] == pytest.approx(5 + 12)
     # pretrain: 10 steps x 200 views an epoch at 1/1000 + 1/4000 s a view = 2.5 s; 4 epochs = 10 s;
-    # kNN twice over 1,000 images at 2,000/s = 1 s; epochs outlast checkpoint_seconds: a checkpoint each, 4.
-    assert by_stage["pretrain"]["seconds"] == pytest.approx(5 + 10 + 1 + 4)
+    # kNN twice over 1,000 images at 2,000/s = 1 s; epochs outlast checkpoint_seconds: a checkpoint after each
+    # but the last (run_epochs saves none after it), 3.
+    assert by_stage["pretrain"]["seconds"] == pytest.approx(5 + 10 + 1 + 3)
     assert by_stage["pretrain"]["images"] == 4 * 10 * 100 * 2
     # finetune, one mode: equal steps (800 // 100 = 8 a epoch) x 3 epochs x 100 images x 2 fractions x 2 seeds
     # = 9,600 images at 1,000/s; validation 3 x 200 + test 200 = 800 per cell x 4 cells at 2,000/s = 1.6 s.
@@ -28,7 +29,7 @@ def test_budget_rows_are_worked_by_hand():
     assert finetune["images"] == 2 * 9600
     assert finetune["seconds"] == pytest.approx(2 * (5 + 30 + 9.6 + 1.6))
     assert by_stage["evaluate"]["seconds"] == pytest.approx(12)
-    assert total == pytest.approx(17 + 5 + 20 + 5 + 2 * 46.2 + 12)
+    assert total == pytest.approx(17 + 5 + 19 + 5 + 2 * 46.2 + 12)
     assert "**whole study**" in budget.format_budget(rows, total)
 
 
@@ -56,7 +57,7 @@ def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
     for key in ("train step views/s", "epoch img/s", "epoch views/s", "inference img/s", "decode img/s",
                 "stage start-up s", "augment whole pipeline views/s", "checkpoint write s"):
         assert figures[key] > 0, key
-    assert figures["epoch views/s"] == pytest.approx(2 * figures["epoch img/s"], rel=0.01)
+    assert figures["epoch views/s"] == pytest.approx(2 * figures["epoch img/s"], rel=0.01, abs=1)  # rounded apart
     assert [row["stage"] for row in figures["budget"]][:3] == ["data", "split", "pretrain"]
     assert figures["budget"][0]["images"] == 120  # the prepared data's images, not CIFAR-10's 60,000
     assert "| **whole study** |" in result.stdout

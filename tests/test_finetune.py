@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from stages.finetune import settings
 from stages.lib import params as params_lib
 from stages.lib import train
 from stages.lib.cli import StageError, UserError
@@ -75,6 +76,11 @@ def test_linear_mode_trains_only_the_head(tmp_path):
     for key, value in task.model.backbone.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # weights and BatchNorm statistics
     assert not torch.equal(task.model.head.weight, head_before)  # while the head trains
+    # Its result reports what ran: no backbone lr, every epoch head-only.
+    assert {group["part"] for group in task.optimizer.param_groups} == {"head"}
+    reported = settings(p, "linear")
+    assert (reported["backbone_lr"], reported["head_epochs"]) == (0.0, len(task.history))
+    assert settings(p, "ssl")["backbone_lr"] == p.lr * p.backbone_lr_scale
 
 
 def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):

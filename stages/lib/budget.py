@@ -46,7 +46,8 @@ def _pretrain(rates, s):
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
     knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
     knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    checkpoints = int(p.epochs * epoch_s // max(p.checkpoint_seconds, epoch_s))
+    # run_epochs saves at an epoch's end once checkpoint_seconds have passed, never after the last epoch
+    checkpoints = int((p.epochs - 1) * epoch_s // max(p.checkpoint_seconds, epoch_s))
     seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
                + checkpoints * rates.checkpoint_s)
     note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"

@@ -1,11 +1,11 @@
 """Supervised fine-tuning of one cell (mode, fraction, seed) as a task for `train.run_epochs`.
 
-Modes differ only in their starting weights: `baseline` (random init), `ssl` (SimCLR
-backbone), `linear` (SimCLR backbone frozen, only the linear head trains). Every mode runs
-the same procedure: optionally a few head-only epochs (backbone frozen), then the whole
-network with the backbone at `backbone_lr_scale` times the head's learning rate, on one
-warm-up + cosine schedule that ends at `max_epochs`; the weights of the epoch with the best
-validation accuracy are the ones kept.
+`baseline` (random init) and `ssl` (a self-supervised backbone, from `pretrain.method`) differ only in
+their starting weights: optionally a few head-only epochs (backbone frozen), then the whole network with
+the backbone at `backbone_lr_scale` times the head's learning rate. `linear` starts from the
+self-supervised backbone and keeps it frozen throughout: only the linear head trains. Every mode runs one
+warm-up + cosine schedule that ends at `max_epochs`; the weights of the epoch with the best validation
+accuracy are the ones kept.
 
 One classifier (and its compiled module) serves every cell of a process: `FinetuneTask` loads
 the cell's starting weights into it, so torch.compile runs once, not once per cell.
@@ -38,7 +38,7 @@ class FinetuneTask(train.Task):
     backbone (e.g. `models.load_into`); `cfg` is params' FinetuneParams; `standardize` the data's
     augment.Standardize."""
 
-    kept = ("history", "best", "best_accuracy", "best_epoch", "train_seconds")
+    kept = train.Task.kept + ("best", "best_accuracy", "best_epoch")
 
     def __init__(self, data, classifier, start, mode, cfg, standardize, seed, steps_per_epoch, device, on_epoch):
         super().__init__(cfg.batch_size, "finetune.batch_size", steps_per_epoch, cfg.max_epochs, cfg.warmup_epochs,

@@ -3,7 +3,9 @@
 All training images sit on the device as one uint8 tensor; a step indexes a batch, asks the
 method for its augmented views, runs backbone + the method's head on them, and minimises the
 method's loss. A monitor (e.g. `knn.KNNMonitor`) measures the backbone every `knn_every` epochs.
-A second method is one new module with a `Method` subclass (stages/lib/simclr.py is the first).
+A second method needs a `Method` subclass built as `cls(cfg, standardize)` (stages/lib/simclr.py is the first),
+its entry in `METHODS` (stages/pretrain.py), its name in `pretrain.method`'s `Choice` and its settings in
+`PretrainParams` (stages/lib/params.py), and an `augment` (uint8 images -> one view of each) that stages/bench.py times.
 """
 from abc import ABC, abstractmethod
 
@@ -55,10 +57,16 @@ class PretrainTask(train.Task):
         return train.epoch_order(len(self.images), self.seed, epoch, self.device)
 
     def train_step(self, epoch, index):
-        x = self.images[index]  # uint8 (b, 3, H, W)
-        views = train.channels_last(self.method.views(x, self.generator))  # (V * b, 3, H, W)
+        return self.learn(self.make_views(self.images[index]))
+
+    def make_views(self, images):
+        """uint8 (b, 3, H, W) -> the method's views (V * b, 3, H, W), laid out for the device."""
+        return train.channels_last(self.method.views(images, self.generator))
+
+    def learn(self, views):
+        """One optimizer step on this rank's views (V * local, 3, H, W); the loss, left on the device."""
         with train.autocast(self.device):
-            outputs = self.compiled(views)  # (V * b, D)
+            outputs = self.compiled(views)  # (V * local, D)
         return train.optimize(self.optimizer, self.method.loss(outputs, self.local))
 
     def finish_epoch(self, epoch, mean_loss, seconds):

@@ -133,10 +133,15 @@ def optimize(optimizer, loss):
     return loss.detach()
 
 
-def seconds_since(start, device):
-    """Wall-clock seconds since `start` (perf_counter), once the device has finished its work."""
+def synchronize(device):
+    """Wait until the device has finished its queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds_since(start, device):
+    """Wall-clock seconds since `start` (perf_counter), once the device has finished its work."""
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -219,8 +224,9 @@ class Task(ABC):
     def _begin_epoch(self, epoch, fresh):
         self.order, self.order_epoch = self.batch_order(epoch), epoch
         self.start_epoch(epoch, fresh)
-        # A resumed epoch's clock includes the seconds it ran before its checkpoint.
-        self.epoch_start = time.perf_counter() - (0.0 if fresh else self.resumed_seconds)
+        # A resumed epoch's clock includes the seconds it ran before its checkpoint (only a restore at a
+        # step > 0 sets them, and its epoch then begins with fresh False).
+        self.epoch_start = time.perf_counter() - self.resumed_seconds
         self.resumed_seconds = 0.0
 
     def restore(self, state):
@@ -233,8 +239,9 @@ class Task(ABC):
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
-        """Everything a resume at (epoch, step) needs, with the seconds that epoch has trained so far."""
-        elapsed = seconds_since(self.epoch_start, self.device) if step and self.order_epoch == epoch else 0.0
+        """Everything a resume at (epoch, step) needs, with the seconds that epoch has trained so far
+        (a step > 0 is a stop inside the epoch in progress: `run_epochs` asks right after its step)."""
+        elapsed = seconds_since(self.epoch_start, self.device) if step else 0.0
         return {"epoch": epoch, "step": step, "loss_sum": loss_sum, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch_seconds": elapsed,
                 "generators": distributed.gather_objects(self.generator.get_state()),
