@@ -51,7 +51,10 @@ def stages():
     return out
 
 
-@pytest.mark.parametrize("name, entry, deps", stages(), ids=[s[0] for s in stages()])
+STAGES = stages()
+
+
+@pytest.mark.parametrize("name, entry, deps", STAGES, ids=[s[0] for s in STAGES])
 def test_every_imported_project_module_is_a_dependency(name, entry, deps):
     needed = closure(entry)
     assert needed - deps == set(), f"dvc.yaml: stage {name} imports but does not list {sorted(needed - deps)}"

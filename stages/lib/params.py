@@ -69,24 +69,24 @@ def _optional(rule):
     return Rule(lambda v: v is None or _passes(rule, v), f"must be null or {rule.text.removeprefix('must be ')}")
 
 
-def _distinct_list(item, what):
+def _distinct_list(item):
     """A value or a non-empty list of distinct values passing `item`; always a list."""
     items = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
     return Rule(lambda v: bool(items(v)) and all(_passes(item, x) for x in items(v))
                 and len(set(items(v))) == len(items(v)),
-                f"must be {what}, or a non-empty list of distinct such values", items)
+                f"must be {item.text.removeprefix('must be ')}, or a non-empty list of distinct such values", items)
 
 
-_FRACTION = Rule(lambda v: _is_number(v) and 0 < v <= 1, "")
+_FRACTION = Rule(lambda v: _is_number(v) and 0 < v <= 1, "must be a number in (0, 1]")
 Positive = _typed(float, Rule(lambda v: _is_number(v) and v > 0, "must be a number > 0"))
 NonNegative = _typed(float, Rule(lambda v: _is_number(v) and v >= 0, "must be a number >= 0"))
 Probability = Between(0, 1)
 OpenUnit = _typed(float, Rule(lambda v: _is_number(v) and 0 < v < 1, "must be a number in (0, 1)"))
-UnitFraction = _typed(float, Rule(_FRACTION.check, "must be a number in (0, 1]"))
+UnitFraction = _typed(float, _FRACTION)
 Flag = _typed(bool, Rule(lambda v: isinstance(v, bool), "must be true or false"))
 Text = _typed(str, Rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string"))
-Fractions = _typed(list[float], _distinct_list(_FRACTION, "a number in (0, 1]"))
-Seeds = _typed(list[int], _distinct_list(_at_least(0), "an integer >= 0"))
+Fractions = _typed(list[float], _distinct_list(_FRACTION))
+Seeds = _typed(list[int], _distinct_list(_at_least(0)))
 MODES = ("baseline", "ssl", "linear")
 Modes = _typed(list[str], Rule(lambda v: isinstance(v, list) and bool(v) and all(x in MODES for x in v)
                                and len(set(v)) == len(v),

@@ -89,7 +89,7 @@ def sample_grid(x, y, classes, path, *, seed):
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    some = f" ({len(labels)} of {len(classes)} classes)" if len(labels) < len(classes) else ""
+    some = f" ({len(labels)} of {len(classes)} classes)" if many else ""
     ax.set_title(f"Training images, up to {shown} random per class{some}", fontsize=12)
     _save(fig, path)
 
@@ -246,16 +246,16 @@ def confusion_matrices(cells, classes, path):
     fig, axes = plt.subplots(len(modes), len(fractions), squeeze=False, layout="constrained",
                              figsize=(3.6 * len(fractions) + 1.2, 3.8 * len(modes) + 0.6))
     image = None
+    named = len(classes) <= MAX_NAMED_CLASSES  # beyond that, the matrix alone
     for ax in axes.flat:
         ax.set_axis_off()
     for cell in cells:
-        ax = axes[modes.index(cell["mode"]), fractions.index(cell["fraction"])]
+        row, col = modes.index(cell["mode"]), fractions.index(cell["fraction"])
+        ax = axes[row, col]
         counts = np.asarray(cell["confusion"], dtype=float)
         rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
         ax.set_axis_on()
-        row, col = modes.index(cell["mode"]), fractions.index(cell["fraction"])
-        named = len(classes) <= MAX_NAMED_CLASSES  # beyond that, the matrix alone
         ax.set_xticks(range(len(classes)) if named else [])
         ax.set_xticklabels(classes if named else [], rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)) if named else [])

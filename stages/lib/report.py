@@ -58,9 +58,9 @@ def experiments_section(summary):
     for mode, e in _entries(summary):
         rows.append([mode, percent(e["fraction"]), _num(e, "labeled_images"), _pct(e, "accuracy"),
                      _pct(e, "precision"), _pct(e, "recall"), _pct(e, "f1"), _epochs(e, "convergence_epoch"),
-                     _epochs(e, "best_epoch"), _num(e, "seconds", 1)])
+                     _num(e, "seconds", 1)])
     header = ["Mode", "N", "Labeled images", "Accuracy", "Precision (macro)", "Recall (macro)", "F1 (macro)",
-              "Convergence epoch", "Best epoch", "Seconds"]
+              "Convergence epoch", "Seconds"]
     return "## Metrics comparison per experiment\n\n" + _table(header, rows)
 
 
@@ -70,15 +70,15 @@ SETTING_COLUMNS = (("lr", "Head lr"), ("backbone_lr", "Backbone lr"), ("head_epo
 
 
 def settings_section(summary):
-    """The fine-tuning settings each cell ran with (the same rule for every mode), and its best epoch."""
+    """The fine-tuning settings each cell ran with, and its best epoch."""
     rows = []
     for mode, e in _entries(summary):
         values = [f"{e['settings'][name]}" for name, _ in SETTING_COLUMNS]
         rows.append([mode, percent(e["fraction"]), *values, _epochs(e, "best_epoch")])
     header = ["Mode", "N"] + [title for _, title in SETTING_COLUMNS] + ["Best epoch (kept)"]
-    text = ("The settings each cell was fine-tuned with (`finetune` in params.yaml; every mode by the same "
-            "rule) and the epoch whose weights were kept: the best validation accuracy over the whole "
-            "schedule.\n\n")
+    text = ("The settings each cell was fine-tuned with (`finetune` in params.yaml; baseline and ssl by the "
+            "same rule, linear with its backbone frozen throughout) and the epoch whose weights were kept: the "
+            "best validation accuracy over the whole schedule.\n\n")
     return "## Fine-tuning settings per cell\n\n" + text + _table(header, rows)
 
 
@@ -237,8 +237,8 @@ def data_section(facts, devices):
              else f"- SHA-256 of the source: none recorded ({unrecorded})",
              f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
              f"{facts.test_split}"]
-    for split, per_class in facts.counts.items():
-        lines.append(f"- {split} images: {facts.images[split]} in {len(per_class)} classes")
+    for split, count in facts.images.items():
+        lines.append(f"- {split} images: {count}")
     if facts.unlabeled:
         lines.append(f"- unlabeled images (pretraining only): {facts.unlabeled}")
     if facts.name.startswith("cifar10-jpeg"):

@@ -248,15 +248,15 @@ def efficiency(groups, fractions):
     target = _mean_accuracy(ssl_group)
     grid = sorted((g[0]["fraction"], _mean_accuracy(g)) for (m, _), g in groups.items() if m == "baseline")
     needed = metrics.label_efficiency([f for f, _ in grid], [a for _, a in grid], target)
-    at = f"SSL's {100 * target:.1f}% test accuracy with N = {plots.percent(ssl_fraction)} of the labels"
+    at = f"SSL's {100 * target:.1f}% test accuracy with {plots.n_label(ssl_fraction)} of the labels"
     if needed is None:
-        note = (f"The baseline does not reach {at} anywhere on its grid (up to N = {plots.percent(grid[-1][0])}): "
+        note = (f"The baseline does not reach {at} anywhere on its grid (up to {plots.n_label(grid[-1][0])}): "
                 f"it would need more than the whole grid of labels.")
     elif grid[0][1] >= target:
-        note = (f"The baseline already reaches {at} with its smallest fraction, N = {plots.percent(grid[0][0])} "
+        note = (f"The baseline already reaches {at} with its smallest fraction, {plots.n_label(grid[0][0])} "
                 f"({100 * grid[0][1]:.1f}%): SSL saves no labels there.")
     else:
-        note = (f"To match {at}, the baseline would need about N = {plots.percent(round(needed, 4))} "
+        note = (f"To match {at}, the baseline would need about {plots.n_label(round(needed, 4))} "
                 f"({needed / ssl_fraction:.1f} times as many labels; accuracy interpolated linearly in "
                 f"log(fraction) between the baseline's grid points).")
     return {"ssl_fraction": ssl_fraction, "ssl_accuracy": round(target, 4),
