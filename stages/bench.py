@@ -3,9 +3,9 @@
 Measures, with the fraction, data, model, pretrain and finetune settings of params.yaml, on random
 images of the prepared data's size (--data, default data/prepared: run `dvc repro data` first; its image
 counts size the budget):
-(a) the SimCLR augmentation alone and each of its kornia operations, (b) the SimCLR train
-step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode inference, image
-decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of
+(a) the method's whole augmentation pipeline (its `views`) alone and, operation by operation, SimCLR's
+kornia operations, (b) the SimCLR train step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode
+inference, image decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of
 the study that params.yaml describes (stages/lib/budget.py), from those measured figures.
 
     python -m stages.bench                 # 50,000 images on a GPU, 2,048 on a CPU
@@ -55,14 +55,15 @@ def timed(fn, repeats, device, warmup=2):
 
 
 def augmentation_ops(task, x, generator):
-    """Each piece of the pipeline alone on a float batch: {name: callable}."""
+    """Each of SimCLR's kornia operations alone on the float batch x (b, 3, H, W), and the method's whole
+    pipeline (`Method.views`) on b of the task's images: {name: (callable, views one call makes)}."""
     batch, device = len(x), x.device
     factor = torch.full((batch,), 1.2, device=device)
     box = torch.tensor([[2.0, 3.0, 20.0, 24.0]], device=device).expand(batch, 4)
     flip = torch.rand(batch, device=device) < 0.5
     factors = {"brightness": factor, "contrast": factor, "saturation": factor, "hue": factor - 1.0}
     on = torch.ones(batch, dtype=torch.bool, device=device)
-    return {
+    kornia_ops = {  # one view of each image
         "crop+flip (one affine warp)": lambda: affine_crop_flip(x, box, flip),
         "brightness": lambda: kornia.enhance.adjust_brightness_accumulative(x, factor),
         "contrast": lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor),
@@ -70,8 +71,10 @@ def augmentation_ops(task, x, generator):
         "hue": lambda: kornia.enhance.adjust_hue(x, factor - 1.0),
         "grayscale": lambda: kornia.color.rgb_to_grayscale(x),
         "jitter, random order (16 ops)": lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
-        "whole pipeline": lambda: task.method.augment(task.images[:batch], generator),
     }
+    return {**{name: (fn, batch) for name, fn in kornia_ops.items()},
+            "whole pipeline": (lambda: task.method.views(task.images[:batch], generator),  # (V * b, 3, H, W)
+                               task.method.views_per_image * batch)}
 
 
 def decode_rate(size, n=2_000):
@@ -96,13 +99,14 @@ def stage_start_seconds(device):
     return time.perf_counter() - start
 
 
-def measure(task, cfg, standardize, device, repeats):
-    """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint;
-    `standardize` is the data's augment.Standardize the method was built with (inference uses it)."""
-    batch, results = cfg.batch_size, {}
-    x = task.images[:batch].float() / 255.0
-    for name, fn in augmentation_ops(task, x, task.generator).items():
-        results[f"augment {name} views/s"] = round(batch / timed(fn, repeats, device))
+def measure(task, standardize, repeats):
+    """{name: figure} of the augmentation, train step, epoch, inference, compile and checkpoint of `task`
+    (a PretrainTask, one process: its batch is one step's images); `standardize` is the data's
+    augment.Standardize the method was built with (inference uses it)."""
+    batch, device, results = task.images_per_step, task.device, {}
+    x = task.images[:batch] / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
+    for name, (fn, views_made) in augmentation_ops(task, x, task.generator).items():
+        results[f"augment {name} views/s"] = round(views_made / timed(fn, repeats, device))
     views = task.make_views(task.images[:batch])  # (V * B, 3, H, W)
     # PretrainTask's step on these views, without Task.step's batch drawing and lr schedule
     start = time.perf_counter()
@@ -135,7 +139,7 @@ def run(args):
     results = {"device": train.device_name(device), "batch_size": cfg.batch_size, "images": n}
     log(f"bench: {results['device']}, {p.model.arch} width {p.model.width}, {size} px, batch {cfg.batch_size}, "
         f"compile {cfg.compile}")
-    results.update(measure(task, cfg, standardize, device, args.repeats))
+    results.update(measure(task, standardize, args.repeats))
     results["augmentation share of step"] = round(
         results["epoch views/s"] / results["augment whole pipeline views/s"], 3)
     results["decode img/s"] = round(decode_rate(size))

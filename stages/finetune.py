@@ -83,8 +83,8 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     labeled = load_split(args.splits, f"train_{fraction_key(fraction)}")
     config = {"finetune": cfg.model_dump(exclude={"modes", "seeds"}), "model": p.model.model_dump(),
               "mode": args.mode, "fraction": fraction, "seed": seed, "init": context["init_digest"],
-              "labeled": train.fingerprint(labeled.tolist()), "val": context["val_digest"],
-              "processes": distributed.world()}
+              "data": context["facts"].content_sha256, "labeled": train.fingerprint(labeled.tolist()),
+              "val": context["val_digest"], "processes": distributed.world()}
     done = cell_dir / "result.json"
     if done.exists() and read_json(done).get("config") == train.fingerprint(config):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")

@@ -44,7 +44,7 @@ def run(args):
     images = train.images_to_device(np.concatenate([x, unlabeled]), device)  # labeled first: (N + U, 3, S, S)
     standardize = Standardize(facts.mean, facts.std)
     monitor = knn_monitor(images[: len(x)], torch.from_numpy(y).to(device), val, facts, standardize, cfg)
-    config = {"params": p.as_dict(), "images": len(images), "val": train.fingerprint(val.tolist()),
+    config = {"params": p.as_dict(), "data": facts.content_sha256, "val": train.fingerprint(val.tolist()),
               "processes": distributed.world()}
     checkpoint = train.Checkpoint(Path(args.checkpoint), config)
     stem = stem_for(facts.image_size, p.model.standard_stem_from)

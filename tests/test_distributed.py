@@ -1,19 +1,22 @@
-"""torchrun/DDP on the CPU (gloo): two processes equal one process on the whole batch, and
-a 2-process pretraining writes exactly one set of outputs."""
+"""torchrun/DDP on the CPU (gloo): two processes equal one process on the whole batch, they agree on
+when to checkpoint, and a 2-process pretraining writes exactly one set of outputs."""
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stages.lib import distributed, splits
+from stages.lib import distributed, splits, train
 from stages.lib import params as params_lib
 from stages.lib.simclr import SimCLR
 from tests.conftest import REPO, STANDARDIZE, save_data, synthetic_images, write_params
@@ -78,6 +81,45 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
         assert result["loss"] == pytest.approx(loss, rel=1e-5)
         for grad, expected in zip(result["grads"], reference):
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+class SlowMainRankTask(train.Task):
+    """A task whose step is collective (as DDP's and the loss's all_gather are) and whose epoch ends later
+    on rank 0 (as the kNN monitor, run on rank 0 alone, makes it)."""
+
+    def __init__(self):
+        super().__init__(2, "batch", 4, 3, 0, 0.1, 0, torch.device("cpu"))
+        self.model = torch.nn.Linear(2, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+
+    def batch_order(self, epoch):
+        return torch.arange(8)
+
+    def train_step(self, epoch, index):
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        return total[0] * 0.0 + 1.0
+
+    def finish_epoch(self, epoch, mean_loss, seconds):
+        if distributed.is_main():
+            time.sleep(0.4)
+
+
+def _checkpoint_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=5))  # a rank left waiting fails soon
+    train.run_epochs(SlowMainRankTask(), 3, train.Checkpoint(Path(out) / "ck.pt", {}), 0.2, "test")
+    (Path(out) / f"rank{rank}.done").touch()
+    distributed.cleanup()
+
+
+def test_ranks_agree_on_when_a_periodic_checkpoint_is_due(tmp_path):
+    """Rank 0's clock runs later (it alone runs the kNN monitor): if each rank decided alone, one would save
+    (a collective: the generators are gathered) while the other steps on, and both would hang."""
+    mp.start_processes(_checkpoint_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank0.done").exists() and (tmp_path / "rank1.done").exists()
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["epoch"] == 2  # saved after epochs 1 and 2
 
 
 def tiny_pretraining(tmp_path, epochs):

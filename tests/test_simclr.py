@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import train
+from stages.lib import splits, train
 from stages.lib.augment import SimCLRAugment, SupervisedAugment
-from stages.lib.cli import StageError
+from stages.lib.cli import StageError, UserError
 from stages.lib.knn import KNNMonitor
 from stages.lib.losses import nt_xent
 from stages.lib.models import ResNet
 from stages.lib.params import SupervisedAugmentParams
 from stages.lib.pretraining import Method, PretrainTask
 from stages.lib.simclr import SimCLR
-from tests.conftest import STANDARDIZE, synthetic_images, write_params
+from tests.conftest import STANDARDIZE, save_data, synthetic_images, write_params
 from stages.lib import params as params_lib
 
 
@@ -189,6 +189,37 @@ def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
     resumed = pretrain(tmp_path / "b")
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_pretrain_checkpoint_of_other_data_is_refused(tmp_path, monkeypatch):
+    """The pretrain stage's checkpoint on data of other pixels (same params, image count, labels and
+    validation split) is refused; on data of the same pixels, in another folder, it is resumed."""
+    from stages import pretrain as stage
+
+    checkpoints = []  # the Checkpoint each stage run would resume
+
+    def record(task, epochs, checkpoint, checkpoint_seconds, label):
+        checkpoints.append(checkpoint)
+        raise StageError("stopped before training")
+
+    monkeypatch.setattr(train, "run_epochs", record)
+    val, labeled = splits.make_splits(synthetic_images(16)[1], 40, [1.0], seed=0)
+    splits.save_splits(tmp_path / "splits", val, labeled)
+    params = write_params(tmp_path / "params.yaml", **{
+        "model.width": 4, "pretrain.batch_size": 32, "pretrain.compile": False, "pretrain.proj_hidden": 32})
+    out = tmp_path / "out"
+    for run, pixels_seed in enumerate((0, 0, 1)):
+        data = save_data(tmp_path / f"data{run}", synthetic_images(16, seed=pixels_seed), synthetic_images(1, seed=9))
+        with pytest.raises(SystemExit):
+            stage.main(["--params", str(params), "--data", str(data), "--val", str(tmp_path / "splits/val.npy"),
+                        "--out", str(out / "ssl.pt"), "--metrics", str(out / "pretrain.json"),
+                        "--curve", str(out / "pretrain.csv"), "--knn-curve", str(out / "pretrain_knn.csv"),
+                        "--checkpoint", str(tmp_path / "checkpoint.pt")])
+    made, same_data, other_data = checkpoints
+    made.save({"epoch": 1, "step": 0})
+    assert same_data.load()["epoch"] == 1
+    with pytest.raises(UserError, match="was written with other params or data"):
+        other_data.load()
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -58,10 +58,10 @@ class FinetuneTask(train.Task):
 
     def batch_order(self, epoch):
         """This epoch's batch order: the labeled indices, reshuffled and cycled to fill every step."""
-        labeled, needed = self.data["labeled"], self.steps_per_epoch * self.cfg.batch_size
+        labeled, needed = self.data["labeled"], self.steps_per_epoch * self.images_per_step
         passes = -(-needed // len(labeled))
         orders = [train.epoch_order(len(labeled), self.seed, epoch * passes + i, self.device) for i in range(passes)]
-        return labeled[torch.cat(orders)[:needed]]  # (steps_per_epoch * batch,)
+        return labeled[torch.cat(orders)[:needed]]  # (steps_per_epoch * images_per_step,)
 
     def head_only(self, epoch):
         """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""

@@ -235,7 +235,7 @@ class Task(ABC):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generators"][distributed.rank()])
-        self.resumed_seconds = state.get("epoch_seconds", 0.0)  # absent from checkpoints written before it was
+        self.resumed_seconds = state["epoch_seconds"]
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
@@ -341,8 +341,8 @@ def run_epochs(task, epochs, checkpoint, checkpoint_seconds, label, checks_per_e
     end_epoch, restore, state). The host reads the device only about `checks_per_epoch` times an epoch (every
     steps_per_epoch // checks_per_epoch steps, and at the last: the NaN check, and the running loss when the
     progress bar is shown), so the GPU is never kept waiting between steps. A checkpoint is written at
-    the end of an epoch once `checkpoint_seconds` have passed since the last one (0: every epoch), so its
-    cost stays small. Under torchrun, every rank checks for a signal at the same steps, so all stop together.
+    the end of an epoch once `checkpoint_seconds` have passed since the last one on any rank (0: every epoch), so
+    its cost stays small. Under torchrun, every rank checks for a signal at the same steps, so all stop together.
     """
     state, steps_per_epoch = checkpoint.load(), task.steps_per_epoch
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
@@ -369,7 +369,10 @@ def run_epochs(task, epochs, checkpoint, checkpoint_seconds, label, checks_per_e
             fields = task.end_epoch(epoch, mean_loss) or {}
             progress.update(steps_per_epoch * task.images_per_step, loss=mean_loss, **fields)  # one line an epoch
             epoch, start_step, loss_sum = epoch + 1, 0, None
-            if epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
+            # Every rank must agree (task.state gathers from all), and their clocks differ: rank 0 alone runs the
+            # kNN monitor, so a checkpoint is due when it is due on any rank.
+            if epoch < epochs and distributed.any_rank(time.monotonic() - last_save >= checkpoint_seconds,
+                                                       task.device):
                 checkpoint.save(task.state(epoch, 0, None))
                 last_save = time.monotonic()
 
