@@ -14,7 +14,8 @@ def add_arguments(parser):
 
 def run(args):
     p = params.load(args.params, "seed", "data")
-    with removed_on_failure(args.out), tracking.stage_run("data", p.as_dict()) as run:
+    read = {"seed": p.seed, "data": p.data.model_dump(exclude={"val_size"})}  # the params dvc.yaml names
+    with removed_on_failure(args.out), tracking.stage_run("data", read) as run:
         facts = prepare(p, args)
         counts = {f"{split}_images": n for split, n in facts.images.items()}
         run.log_metrics({**counts, "unlabeled_images": facts.unlabeled})

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages import init_weights
 from stages.lib import study
 from tests.conftest import REPO, make_archive, png_bytes, run_module, synthetic_images, write_params, write_tree
 from tests.faults import (
@@ -129,6 +130,15 @@ def test_unknown_mode_is_a_usage_error(project, stage_env):
                         env=stage_env)
     assert result.returncode == 2 and "invalid choice: 'simclr'" in last_line(result.stderr)
     assert "Traceback" not in result.stderr
+
+
+def test_usage_names_the_module_to_run(capsys):
+    """Stage init's module is stages.init_weights: its usage line names that, run with -m or imported."""
+    result = run_module("stages.init_weights", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m stages.init_weights ")
+    with pytest.raises(SystemExit) as exit_info:
+        init_weights.main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m stages.init_weights ")
 
 
 # ---------------------------------------------------------------------------------------------

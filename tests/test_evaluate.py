@@ -52,10 +52,11 @@ def fabricate_data(root, source):
     save_data(root / "data", synthetic_images(6, seed=1), synthetic_images(2, seed=2), source=source, sha256="ab" * 32)
 
 
-def facts(source, url=None):
-    """The data facts of a small synthetic data set from `source`."""
+def facts(source, url=None, sha256=None, limit=None):
+    """The data facts of a small synthetic data set from `source` (`limit`: its data.limit)."""
     arrays = {"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)}
-    return prepared.data_facts(arrays, CLASSES, source=source, url=url)
+    return prepared.data_facts(arrays, CLASSES, source=source, url=url, sha256=sha256, test_split="official",
+                               limit=limit)
 
 
 def stage_args(root):
@@ -238,6 +239,18 @@ def test_baseline_only_has_no_comparison(tmp_path):
     assert headline["study.json"] == {"seconds": 3 * 12.5} and dvc_views.gain_rows(comparison) == []
 
 
+def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path):
+    """The seed project's numbers are for the whole of CIFAR-10, not a data.limit subset of it."""
+    cells = _cells(tmp_path, ("baseline", "ssl"), seeds=(0,))
+    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
+    summary, _ = study.summarise(cells, list(CLASSES))
+    comparison = study.compare(cells, settings, 0)
+    whole, subset = (report.build(summary, comparison, facts("cifar10", url="https://example.org/c10", limit=limit),
+                                  {"ssl": ["cpu"]}, settings) for limit in (None, 5000))
+    assert "Seed project" in whole and "data.limit" not in whole
+    assert "Seed project" not in subset and "- Subset: `data.limit` = 5000 (at most" in subset
+
+
 def test_many_classes_keep_the_sample_grid_readable(tmp_path):
     """CIFAR-100: at most 20 class rows in the sample grid (a random 20), not 100."""
     from stages.lib import plots
@@ -260,8 +273,7 @@ def test_cifar10_is_recognised_by_the_data_name_and_cifar100_is_not():
 def test_data_section_says_why_no_source_sha256_is_recorded():
     lines = [next(line for line in report.data_section(f, {}).splitlines() if "SHA-256" in line) for f in
              (facts("cifar10", url="https://example.org/c10"), facts("/data/flowers"),
-              prepared.data_facts({"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)},
-                                  CLASSES, source="/data/flowers.zip", sha256="ab" * 32))]
+              facts("/data/flowers.zip", sha256="ab" * 32))]
     assert lines == ["- SHA-256 of the source: none recorded (a torchvision download, checked by its own checksum)",
                      "- SHA-256 of the source: none recorded (a folder, not an archive file)",
                      f"- SHA-256 of the source: `{'ab' * 32}`"]

@@ -26,8 +26,9 @@ def log(message):
 
 
 def run_stage(name, description, add_arguments, run, argv=None):
-    """Parse arguments, call `run(args)`, and turn exceptions into one line and an exit code."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    """Parse arguments, call `run(args)`, and turn exceptions into one line and an exit code.
+    `name` is the stage's name in messages; the usage line names the module that defines `run`."""
+    parser = argparse.ArgumentParser(prog=f"python -m {_module_name(run)}", description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (DVC's params.yaml)")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -46,6 +47,12 @@ def run_stage(name, description, add_arguments, run, argv=None):
         _fail(1, f"error: {name} failed: {type(error).__name__}: {error}", debug)
     finally:
         _restore(previous)
+
+
+def _module_name(run):
+    """The dotted name of the module that defines `run`, also under `python -m`, where it is __main__."""
+    spec = getattr(sys.modules.get(run.__module__), "__spec__", None)
+    return spec.name if spec else run.__module__  # no spec: a script or `python -c`
 
 
 def _interrupt(signum, frame):

@@ -104,9 +104,10 @@ def _style_maps(cells):
 def curves(cells, column, ylabel, path):
     """One line per cell of `column` over epochs (colour = mode, line style = fraction)."""
     modes, styles = _style_maps(cells)
-    several_seeds = len({c.get("seed") for c in cells}) > 1
+    several_seeds = len({c["seed"] for c in cells}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
-    ordered = sorted(cells, key=lambda c: (mode_order(modes).index(c["mode"]), -c["fraction"], c.get("seed", 0)))
+    order = mode_order(modes)
+    ordered = sorted(cells, key=lambda c: (order.index(c["mode"]), -c["fraction"], c["seed"]))
     for cell in ordered:
         values = np.asarray(cell["curve"][column], dtype=float)
         label = f"{cell['mode']}, {n_label(cell['fraction'])}"

@@ -11,9 +11,9 @@ from stages.lib.metrics import MCNEMAR_EXACT_BELOW
 from stages.lib.plots import compared, grouped, mode_order, percent, points
 from stages.lib.study import MIN_SEEDS_FOR_SEEDS_TEST
 
-# Reference numbers reported by the seed project this study grew from (test accuracy on CIFAR-10, all
-# other numbers of it are unknown); shown beside ours when the data is CIFAR-10 (`is_cifar10`),
-# never used in any computation.
+# Reference numbers reported by the seed project this study grew from (test accuracy on the whole of
+# CIFAR-10, all other numbers of it are unknown); shown beside ours only when the data is the whole of
+# CIFAR-10 too (`compares_with_seed_project`), never used in any computation.
 SEED_PROJECT = {1.0: {"baseline": 0.714, "ssl": 0.396}, 0.1: {"baseline": 0.507, "ssl": 0.343}}
 NOT_REPORTED = "not reported"
 NOT_RUN = "not run"
@@ -195,6 +195,11 @@ def is_cifar10(name):
     return re.fullmatch(r"cifar10([-_].*)?", name) is not None
 
 
+def compares_with_seed_project(facts):
+    """Whether the seed project's numbers fit the data (DataFacts): CIFAR-10 without a data.limit subset."""
+    return is_cifar10(facts.name) and facts.limit is None
+
+
 def seed_project_section(summary):
     rows = []
     for fraction, theirs in SEED_PROJECT.items():
@@ -237,6 +242,9 @@ def data_section(facts, devices):
              else f"- SHA-256 of the source: none recorded ({unrecorded})",
              f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
              f"{facts.test_split}"]
+    if facts.limit is not None:
+        lines.append(f"- Subset: `data.limit` = {facts.limit} (at most that many labeled training images, "
+                     "stratified by class, and as many unlabeled ones; the test set is whole)")
     for split, count in facts.images.items():
         lines.append(f"- {split} images: {count}")
     if facts.unlabeled:
@@ -258,7 +266,7 @@ def figures_section(figures):
 def build(summary, comparison, facts, devices, settings, pretrain=None, figures=()):
     """Return the report's markdown text. `facts`: the data's prepared.DataFacts; `settings`: params'
     EvaluateParams; figures: [(title, link relative to the report)]."""
-    seeds = max((e.get("seeds", 1) for cells in summary.values() for e in cells.values()), default=1)
+    seeds = max((e["seeds"] for cells in summary.values() for e in cells.values()), default=1)
     intro = (f"SimCLR-pretrained (`ssl`) vs randomly initialised (`baseline`) ResNet fine-tuning on `{facts.name}` "
              "at several label fractions N. All numbers are test-set results of the best-validation weights, "
              "computed by the evaluate stage from the fine-tune outputs.")
@@ -268,7 +276,7 @@ def build(summary, comparison, facts, devices, settings, pretrain=None, figures=
         f"# SimCLR vs supervised baseline on {facts.name}", intro,
         experiments_section(summary), settings_section(summary), performance_section(summary),
         improvement_section(comparison, settings), convergence_section(summary, comparison, settings),
-        seed_project_section(summary) if is_cifar10(facts.name) else "",
+        seed_project_section(summary) if compares_with_seed_project(facts) else "",
         label_efficiency_section(comparison), pretrain_section(pretrain), data_section(facts, devices),
         figures_section(figures),
     ]
