@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from stages.lib.augment import Standardize
+from stages.lib.sources import CIFAR10_CLASSES
 
-# CIFAR-10's classes in its label order (alphabetical, as a folder copy sorts them)
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASSES = tuple(CIFAR10_CLASSES)  # CIFAR-10's label order (alphabetical, as a folder copy sorts them)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 STANDARDIZE = Standardize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))  # CIFAR-like statistics for the tests
@@ -51,7 +51,8 @@ def save_data(root, train, test, source="synthetic", sha256=None, url=None, clas
     from stages.lib import prepared
 
     arrays = {"train": train, "test": test, **({} if unlabeled is None else {"unlabeled": unlabeled})}
-    facts = prepared.data_facts(arrays, classes, source=source, url=url, sha256=sha256)
+    facts = prepared.data_facts(arrays, classes, source=source, url=url, sha256=sha256, test_split="official",
+                                limit=None)
     prepared.save_prepared(root, arrays, facts)
     return Path(root)
 

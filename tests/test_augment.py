@@ -7,11 +7,12 @@ from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from stages.lib import augment
+from stages.lib import augment, params
 from stages.lib.augment import (
-    JITTER_OPS, blur_draws, blur_kernel_size, color_jitter, gaussian_blur, jitter_order, random_blur,
-    resized_crop_boxes,
+    JITTER_OPS, SimCLRAugment, SupervisedAugment, blur_draws, blur_kernel_size, color_jitter, gaussian_blur,
+    jitter_order, random_blur, resized_crop_boxes,
 )
+from tests.conftest import REPO, STANDARDIZE
 
 DRAWS = 100_000
 
@@ -156,47 +157,60 @@ def test_random_blur_off_draws_nothing_and_on_blurs_all():
     assert all(not torch.equal(out[b], x[b]) for b in range(16))
 
 
-def test_random_blur_reads_nothing_back_to_the_host(monkeypatch):
+def augmentations(blur_from):
+    """params.yaml's SimCLRAugment, blurring half the views of blur_from pixels or more, and SupervisedAugment."""
+    p = params.load(REPO / "params.yaml", "pretrain", "finetune")
+    simclr = p.pretrain.augment.model_copy(update={"blur_p": 0.5, "blur_from": blur_from})
+    return SimCLRAugment(simclr, STANDARDIZE), SupervisedAugment(p.finetune.augment, STANDARDIZE)
+
+
+def test_augmentations_read_nothing_back_to_the_host(monkeypatch):
     """No tensor is read back to the host as a Python value, by nonzero(), .cpu() or .numpy() (each a host
-    sync on the GPU). kornia's gaussian_blur2d would: it checks a tensor sigma with bool(), which this test
-    catches."""
+    sync on the GPU), in the blur or anywhere in either pipeline. kornia's gaussian_blur2d would: it checks a
+    tensor sigma with bool(), which this test catches."""
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host")
 
+    simclr, supervised = augmentations(blur_from=32)  # 32x32 images: the blur runs
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
     generator = torch.Generator().manual_seed(9)
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     with pytest.raises(AssertionError, match="read on the host"):
         kornia.filters.gaussian_blur2d(x, 3, torch.ones(8, 2))
     random_blur(x, generator, 0.5, 0.1, 2.0, 3)
+    simclr(images, generator)
+    supervised(images, generator)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_random_blur_on_gpu_does_not_sync():
+def test_augmentations_on_gpu_do_not_sync():
+    """A training step's augmentation: after a first call (which puts the channel statistics on the GPU,
+    once), neither pipeline nor the blur waits for the GPU."""
+    simclr, supervised = augmentations(blur_from=96)  # 96x96 images: the blur runs
     x = torch.rand(256, 3, 96, 96, device="cuda")
+    images = torch.randint(0, 256, (256, 3, 96, 96), dtype=torch.uint8, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
+    simclr(images, generator)
+    supervised(images, generator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = random_blur(x, generator, 0.5, 0.1, 2.0, blur_kernel_size(96))
+        outs = [random_blur(x, generator, 0.5, 0.1, 2.0, blur_kernel_size(96)),
+                simclr(images, generator), supervised(images, generator)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert all(out.shape == x.shape and torch.isfinite(out).all() for out in outs)
 
 
 def test_simclr_views_blur_only_from_blur_from_pixels():
     """SimCLR blurs ImageNet-size views (p = blur_p), never CIFAR's: below blur_from nothing is drawn."""
-    from stages.lib import params
-    from stages.lib.augment import SimCLRAugment, Standardize
-    from tests.conftest import REPO
-
     cfg = params.load(REPO / "params.yaml", "pretrain").pretrain.augment
-    standardize = Standardize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     for size, blurred in ((cfg.blur_from - 1, False), (cfg.blur_from, True)):
         images = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
         sharp = cfg.model_copy(update={"blur_p": 0.0})
-        with_blur = SimCLRAugment(cfg.model_copy(update={"blur_p": 1.0}), standardize)(
+        with_blur = SimCLRAugment(cfg.model_copy(update={"blur_p": 1.0}), STANDARDIZE)(
             images, torch.Generator().manual_seed(0))
-        without = SimCLRAugment(sharp, standardize)(images, torch.Generator().manual_seed(0))
+        without = SimCLRAugment(sharp, STANDARDIZE)(images, torch.Generator().manual_seed(0))
         assert torch.equal(with_blur, without) is not blurred

@@ -1,4 +1,5 @@
-"""Bad data sources: every broken archive, tree or image is named (file or folder) in one line."""
+"""Bad data sources: every broken archive, tree or image is named (file or folder) in one line; so is
+prepared data that disagrees with its meta.json."""
 import os
 import types
 import urllib.error
@@ -8,7 +9,7 @@ import pytest
 
 from stages.lib import sources
 from stages.lib.cli import UserError
-from tests.conftest import CLASSES, make_archive, png_bytes, synthetic_images
+from tests.conftest import CLASSES, make_archive, png_bytes, prepared_split, save_data, synthetic_images
 from tests.faults import (
     IMAGE, empty_class, extra_class, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without, write,
 )
@@ -93,3 +94,16 @@ def test_torchvision_classes_in_another_order_are_refused(tmp_path, fake_torchvi
 def test_unknown_name_is_taken_as_a_path(tmp_path):
     with pytest.raises(UserError, match="cifar11 does not exist.*cifar10, cifar100, stl10"):
         sources.read_source("cifar11", 32, 0.2, 0, tmp_path / "download")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_prepared_split_with_other_image_count_than_meta_json_is_refused(tmp_path, split):
+    """A <split>.npz whose images and labels agree with each other but not with meta.json (one image fewer)."""
+    save_data(tmp_path, synthetic_images(2, seed=1), synthetic_images(1, seed=2))
+    x, y = prepared_split(tmp_path, split)
+    np.savez(tmp_path / f"{split}.npz", x=x[:-1], y=y[:-1])
+    with pytest.raises(UserError) as raised:
+        prepared_split(tmp_path, split)
+    message = str(raised.value)
+    assert f"{split}.npz" in message and f"expected uint8 ({len(y)}, 32, 32, 3) as meta.json says" in message
+    assert "\n" not in message

@@ -10,6 +10,7 @@ import math
 import kornia
 import torch
 
+
 class Standardize:
     """Images -> (x - mean) / std per channel, with the training images' statistics (the data
     stage's meta.json: a fact of the data, not a setting). The (1, 3, 1, 1) statistics are made
@@ -24,15 +25,15 @@ class Standardize:
                                 torch.tensor(self.std, device=device).view(1, 3, 1, 1))
         return self._on[device]
 
-    def __call__(self, x, in_place=False):
-        """float32 in [0, 1] (B, 3, H, W) -> standardized float32 (B, 3, H, W). in_place: overwrite x
-        (only for a pipeline's own temporary, never the caller's tensor); the values are the same."""
+    def __call__(self, x):
+        """float32 in [0, 1] (B, 3, H, W) -> standardized, in place: x must be the caller's own float
+        temporary (never a tensor it still needs); returns x."""
         mean, std = self._statistics(x.device)
-        return x.sub_(mean).div_(std) if in_place else (x - mean) / std
+        return x.sub_(mean).div_(std)
 
     def images(self, x):
-        """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W)."""
-        return self(x.float() / 255.0, in_place=True)  # the division made a new tensor
+        """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W); x is left as it is."""
+        return self(x / 255.0)  # uint8 / float -> a new float32 tensor
 
 
 def _uniform(generator, shape, low, high, device):
@@ -189,7 +190,7 @@ class SimCLRAugment:
     def __call__(self, images, generator):
         """uint8 (B, 3, H, W) -> standardized float32 (B, 3, H, W); randomness from `generator`."""
         cfg, (batch, _, height, width), device = self.cfg, images.shape, images.device
-        x = images.float() / 255.0
+        x = images / 255.0  # uint8 -> a new float32 (B, 3, H, W) in [0, 1]
         box = resized_crop_boxes(generator, batch, height, width, cfg.crop_scale_min, cfg.crop_ratio_max, device)
         x = affine_crop_flip(x, box, _chance(generator, batch, cfg.flip_p, device))
         x = self._jitter(x, generator)
@@ -198,7 +199,7 @@ class SimCLRAugment:
         blur_p = cfg.blur_p if min(height, width) >= cfg.blur_from else 0.0  # p 0 draws nothing (CIFAR)
         x = random_blur(x, generator, blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
                         blur_kernel_size(min(height, width)))
-        return self.standardize(x, in_place=True)  # x is this call's own tensor (each step above made a new one)
+        return self.standardize(x)  # x is this call's own tensor (each step above made a new one)
 
     def _jitter(self, x, generator):
         """Colour jitter with probability jitter_p: per-sample factors, per-sample order."""
@@ -227,5 +228,5 @@ class SupervisedAugment:
         box[:, :2] = shift.float()
         box[:, 2], box[:, 3] = width, height
         flip = _chance(generator, batch, self.flip_p, device)
-        shifted = affine_crop_flip(images.float(), box, flip, mode="nearest", padding_mode="zeros")
-        return self.standardize.images(shifted)
+        # uint8 -> float32 in [0, 1], warped into a new tensor, which is standardized in place
+        return self.standardize(affine_crop_flip(images / 255.0, box, flip, mode="nearest", padding_mode="zeros"))

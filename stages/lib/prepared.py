@@ -78,7 +78,7 @@ def read_facts(data_dir):
         raise UserError(f"{path} is not valid data facts ({detail}); {HINT}") from None
 
 
-def data_facts(arrays, classes, source, url=None, sha256=None, test_split="official", limit=None):
+def data_facts(arrays, classes, *, source, url, sha256, test_split, limit):
     """The facts of the prepared `arrays` ({"train": (x, y), "test": (x, y)}, optional "unlabeled": x);
     mean and std over the images SimCLR sees (train and unlabeled), rounded to 4 decimals."""
     pretraining = [arrays["train"][0]] + ([arrays["unlabeled"]] if "unlabeled" in arrays else [])
@@ -112,9 +112,9 @@ def save_prepared(out_dir, arrays, meta):
 def load_prepared(data_dir, split, facts):
     """train/test: (x uint8 (N, S, S, 3), y int64 (N,)); unlabeled: x uint8 (M, S, S, 3), empty
     (0, S, S, 3) when the data has no unlabeled images. S and the classes come from `facts`, the
-    data's DataFacts (`read_facts`), which the caller reads once."""
-    size = facts.image_size
-    path = Path(data_dir) / f"{split}.npz"
+    data's DataFacts (`read_facts`), which the caller reads once. The arrays' shapes must be those the
+    facts give (image size, and the number of images: `images[split]` or `unlabeled`)."""
+    size, path = facts.image_size, Path(data_dir) / f"{split}.npz"
     if split == "unlabeled":
         if facts.unlabeled == 0:
             return np.zeros((0, size, size, 3), dtype=np.uint8)
@@ -122,8 +122,10 @@ def load_prepared(data_dir, split, facts):
         _check_images(path, x, size, facts.unlabeled)
         return x
     x, y = load_npz(path, ("x", "y"), "prepared data", HINT)
-    _check_images(path, x, size, len(y))
-    if y.ndim != 1 or (len(y) and (y.min() < 0 or y.max() >= len(facts.classes))):
+    _check_images(path, x, size, facts.images[split])
+    if y.shape != (len(x),):
+        raise UserError(f"{path} has labels of shape {y.shape}, expected ({len(x)},) as meta.json says; {HINT}")
+    if len(y) and (y.min() < 0 or y.max() >= len(facts.classes)):
         raise UserError(f"{path} has labels outside 0..{len(facts.classes) - 1} ({len(facts.classes)} classes "
                         f"in meta.json); {HINT}")
     return x, y.astype(np.int64)
@@ -200,9 +202,7 @@ def channel_statistics(x_list, chunk=1024):
             block = x[start:start + chunk].reshape(-1, 3)  # (chunk * S * S, 3) uint8
             for channel in range(3):
                 counts[channel] += np.bincount(block[:, channel], minlength=256)
-    pixels = counts[0].sum()
-    if pixels == 0:
-        raise UserError("no training images to compute the channel statistics from; check data.source")
+    pixels = counts[0].sum()  # > 0: the data stage always has training images
     levels = np.arange(256, dtype=np.float64) / 255.0  # (256,) in [0, 1]
     mean = counts @ levels / pixels  # (3,)
     variance = counts @ levels**2 / pixels - mean**2  # (3,)
