@@ -13,9 +13,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    p = params.load(args.params, "seed", "data")
-    read = {"seed": p.seed, "data": p.data.model_dump(exclude={"val_size"})}  # the params dvc.yaml names
-    with removed_on_failure(args.out), tracking.stage_run("data", read) as run:
+    p = params.load(args.params, "seed", "data.source", "data.image_size", "data.test_fraction", "data.limit")
+    with removed_on_failure(args.out), tracking.stage_run("data", p.as_dict()) as run:
         facts = prepare(p, args)
         counts = {f"{split}_images": n for split, n in facts.images.items()}
         run.log_metrics({**counts, "unlabeled_images": facts.unlabeled})
@@ -40,7 +39,7 @@ def prepare(p, args):
                                 test_split=found.test_split, limit=data.limit)
     with atomic_path(args.out) as tmp:
         prepared.save_prepared(tmp, arrays, facts)
-    log(f"data: wrote {len(keep)} train, {len(arrays['test'][1])} test and {facts.unlabeled} unlabeled "
+    log(f"data: wrote {facts.images['train']} train, {facts.images['test']} test and {facts.unlabeled} unlabeled "
         f"{facts.image_size}x{facts.image_size} images of {len(facts.classes)} classes to {args.out} "
         f"(test set: {facts.test_split})")
     return facts

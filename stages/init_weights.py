@@ -15,10 +15,10 @@ def add_arguments(parser):
 
 
 def run(args):
-    p = params.load(args.params, "model", "finetune")
-    model, seeds = p.model, p.finetune.seeds
+    p = params.load(args.params, "model", "finetune.seeds")
+    model, seeds, read = p.model, p.finetune.seeds, p.as_dict()
     stem = stem_for(prepared.read_facts(args.data).image_size, model.standard_stem_from)
-    backbones, read = {}, {"model": model.model_dump(), "finetune": {"seeds": seeds}}  # the params dvc.yaml names
+    backbones = {}
     with removed_on_failure(args.out), tracking.stage_run("init", read) as mlrun:
         for seed in seeds:
             torch.manual_seed(seed)

@@ -1,5 +1,5 @@
 """dvc.yaml lists, as each stage's deps, every project module the stage imports (directly or not),
-so that a change to any of them reruns the stage."""
+so that a change to any of them reruns the stage, and, as its params, exactly the params it loads."""
 import ast
 import re
 
@@ -40,22 +40,31 @@ def closure(entry):
     return {f for f in files if not f.endswith("__init__.py")}
 
 
+def loaded_params(path):
+    """The params names (sections, or section.key) that the file at `path` passes to `params.load`."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "params.load":
+            names += [arg.value for arg in node.args[1:]]
+    return names
+
+
 def stages():
-    """[(stage name, entry module, declared deps)] of dvc.yaml (foreach stages once, as declared)."""
+    """[(stage name, entry module, declared deps, declared params)] of dvc.yaml (foreach stages once)."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     out = []
     for name, stage in spec.items():
         body = stage.get("do", stage)
         entry = re.search(r"-m (stages\.\w+)", body["cmd"]).group(1)
-        out.append((name, entry, set(body.get("deps", []))))
+        out.append((name, entry, set(body.get("deps", [])), body.get("params", [])))
     return out
 
 
 STAGES = stages()
 
 
-@pytest.mark.parametrize("name, entry, deps", STAGES, ids=[s[0] for s in STAGES])
-def test_every_imported_project_module_is_a_dependency(name, entry, deps):
+@pytest.mark.parametrize("name, entry, deps, declared", STAGES, ids=[s[0] for s in STAGES])
+def test_every_imported_project_module_is_a_dependency(name, entry, deps, declared):
     needed = closure(entry)
     assert needed - deps == set(), f"dvc.yaml: stage {name} imports but does not list {sorted(needed - deps)}"
     listed_code = {d for d in deps if d.startswith("stages/")}
@@ -67,3 +76,10 @@ def test_the_import_walk_sees_indirect_imports():
     # pretrain -> simclr -> losses: pretrain does not import losses itself
     assert "stages/lib/losses.py" in closure("stages.pretrain")
     assert "stages.lib.losses" not in imported_modules(module_file("stages.pretrain"))
+
+
+@pytest.mark.parametrize("name, entry, deps, declared", STAGES, ids=[s[0] for s in STAGES])
+def test_a_stage_declares_exactly_the_params_it_loads(name, entry, deps, declared):
+    loaded = loaded_params(module_file(entry))
+    assert loaded, f"stages {entry} loads no params"
+    assert sorted(loaded) == sorted(declared), f"dvc.yaml: stage {name} lists params {declared}, loads {loaded}"

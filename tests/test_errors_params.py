@@ -120,3 +120,12 @@ def test_sections_are_typed_and_only_the_loaded_ones_are_set(tmp_path):
         p.pretrain.lr = 1.0
 
 
+
+
+def test_a_single_key_loads_its_whole_section_but_gives_only_itself(tmp_path):
+    path = write_params(tmp_path / "params.yaml", **TINY)
+    p = params.load(path, "model", "finetune.seeds")
+    assert isinstance(p.finetune, params.FinetuneParams)  # the whole section, typed and checked
+    assert p.as_dict() == {"model": p.model.model_dump(), "finetune": {"seeds": p.finetune.seeds}}
+    with pytest.raises(UserError, match="finetune.lr = -1"):  # a bad key beside the named one still stops
+        params.load(edited_params(tmp_path / "bad.yaml", setter("finetune.lr", -1)), "finetune.seeds")

@@ -3,6 +3,7 @@ setting is declared once, here, with its type and allowed range, and the stages,
 augmentations take these typed sections. A bad value stops with one line naming key, value and rule.
 
 Usage: p = params.load("params.yaml", "seed", "model", "pretrain"); p.pretrain.lr
+       p = params.load("params.yaml", "model", "finetune.seeds")  # one key of a section
 """
 import difflib
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from stages.lib.cli import UserError
 
@@ -199,7 +200,7 @@ class EvaluateParams(Section):
 
 
 class Params(Section):
-    """The sections a stage loaded (the others stay None: a stage reads only what dvc.yaml names)."""
+    """The params a stage loaded (the other sections stay None: a stage reads only what dvc.yaml names)."""
 
     seed: Optional[Integer(0)] = None
     fraction: Optional[Fractions] = None
@@ -209,17 +210,24 @@ class Params(Section):
     pretrain: Optional[PretrainParams] = None
     finetune: Optional[FinetuneParams] = None
     evaluate: Optional[EvaluateParams] = None
+    _keys: dict[str, list[str]] = PrivateAttr(default_factory=dict)  # {section: its keys a stage named singly}
 
     def as_dict(self):
-        """The loaded sections as plain data (for MLflow, fingerprints and weights files)."""
-        return self.model_dump(exclude_unset=True)
+        """The params the stage named (whole sections, or the keys named as section.key) as plain data,
+        as dvc.yaml lists them (for MLflow, fingerprints and weights files)."""
+        named = self.model_dump(exclude_unset=True)
+        for section, keys in self._keys.items():
+            named[section] = {key: named[section][key] for key in keys}
+        return named
 
 
 SECTIONS = tuple(Params.model_fields)
 
 
-def load(path, *sections):
-    """The named top-level sections of params file `path`, typed and validated, as `Params`.
+def load(path, *names: str) -> Params:
+    """The named params of params file `path`, typed and validated, as `Params`: top-level sections
+    ("model"), or single keys of one ("finetune.seeds": its whole section is loaded and checked, but
+    `as_dict` gives only the named keys, which are what dvc.yaml lists for the stage).
 
     Every top-level key is checked for typos (each stage reports one); the named sections are
     checked key by key, and nested sections likewise.
@@ -227,19 +235,26 @@ def load(path, *sections):
     path = Path(path)
     raw = _read(path)
     _check_keys(path, "", raw, Params, required=False)
-    chosen = {}
-    for name in sections:
-        if name not in raw:
-            raise UserError(f"{path}: {name} is missing ({_expected(Params, name)})")
-        if raw[name] is None:  # Params' None means "not loaded", never a value
-            rule = _expected(Params, name)
-            raise UserError(f"{path}: {name} = None: {rule if rule.startswith('must') else 'must be ' + rule}")
-        _check_value(path, name, raw[name], Params, name)
-        chosen[name] = raw[name]
+    chosen, keys = {}, {}
+    for name in names:
+        section, _, key = name.partition(".")
+        if key:
+            keys.setdefault(section, []).append(key)
+        if section in chosen:
+            continue
+        if section not in raw:
+            raise UserError(f"{path}: {section} is missing ({_expected(Params, section)})")
+        if raw[section] is None:  # Params' None means "not loaded", never a value
+            rule = _expected(Params, section)
+            raise UserError(f"{path}: {section} = None: {rule if rule.startswith('must') else 'must be ' + rule}")
+        _check_value(path, section, raw[section], Params, section)
+        chosen[section] = raw[section]
     try:
-        return Params.model_validate(chosen)
+        loaded = Params.model_validate(chosen)
     except ValidationError as error:
         raise UserError(_first_error(path, error, chosen)) from None
+    loaded._keys = keys
+    return loaded
 
 
 def _section_type(model, name):
