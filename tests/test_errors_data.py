@@ -96,14 +96,27 @@ def test_unknown_name_is_taken_as_a_path(tmp_path):
         sources.read_source("cifar11", 32, 0.2, 0, tmp_path / "download")
 
 
+# (id, edit of a split's (x, y), the error's fragment given n, the split's image count in meta.json)
+PREPARED_CASES = [
+    ("one-image-fewer", lambda x, y: (x[:-1], y[:-1]), lambda n: f"expected uint8 ({n}, 32, 32, 3) as meta.json says"),
+    ("other-image-size", lambda x, y: (x[:, :31, :31], y),
+     lambda n: f"has images uint8 ({n}, 31, 31, 3), expected uint8 ({n}, 32, 32, 3) as meta.json says"),
+    ("labels-one-longer", lambda x, y: (x, np.append(y, 0)), lambda n: f"labels of shape ({n + 1},), expected ({n},)"),
+    ("label-is-class-count", lambda x, y: (x, np.append(y[:-1], len(CLASSES))),
+     lambda n: f"labels outside 0..{len(CLASSES) - 1} ({len(CLASSES)} classes in meta.json)"),
+]
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_prepared_split_with_other_image_count_than_meta_json_is_refused(tmp_path, split):
-    """A <split>.npz whose images and labels agree with each other but not with meta.json (one image fewer)."""
+@pytest.mark.parametrize("edit, fragment", [c[1:] for c in PREPARED_CASES], ids=[c[0] for c in PREPARED_CASES])
+def test_prepared_split_that_disagrees_with_meta_json_is_refused(tmp_path, split, edit, fragment):
+    """A <split>.npz whose images or labels disagree with meta.json (count, size, classes) or with each other."""
     save_data(tmp_path, synthetic_images(2, seed=1), synthetic_images(1, seed=2))
     x, y = prepared_split(tmp_path, split)
-    np.savez(tmp_path / f"{split}.npz", x=x[:-1], y=y[:-1])
+    edited_x, edited_y = edit(x, y)
+    np.savez(tmp_path / f"{split}.npz", x=edited_x, y=edited_y)
     with pytest.raises(UserError) as raised:
         prepared_split(tmp_path, split)
     message = str(raised.value)
-    assert f"{split}.npz" in message and f"expected uint8 ({len(y)}, 32, 32, 3) as meta.json says" in message
-    assert "\n" not in message
+    assert f"{split}.npz" in message and fragment(len(y)) in message, message
+    assert "\n" not in message and message.endswith("rerun: dvc repro -f data")

@@ -147,14 +147,20 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
     assert np.bincount(found.train[1]).tolist() == [1, 1] and np.bincount(found.test[1]).tolist() == [1, 1]
 
 
-def test_class_folders_with_images_deeper_below_train_and_test(tmp_path):
-    """train/<class>/images/* and test/<class>/images/* (tiny-imagenet style): split roots, not classes."""
+@pytest.mark.parametrize("layout", [
+    "{split}/{name}/images/{level}.png",  # tiny-imagenet style: images deeper in the class folders
+    "train/{split}/{name}/{level}.png",  # a wrapping folder named like a split is not the split
+    "test/{split}/{name}/{level}.png",
+    "copy/{split}/{name}/{level}.png",
+])
+def test_the_split_folders_are_the_train_and_test_nearest_the_images(tmp_path, layout):
+    """train/<class>/ and test/<class>/, wrapped in any folder and with the images at any depth below."""
     for split, levels in (("train", (10, 20, 30, 40)), ("test", (200, 220))):
         for index, level in enumerate(levels):
             name = ("ant", "bee")[index % 2]
             image = encode(Image.new("L", (24, 24), level), "PNG")
-            write(tmp_path / "tiny", f"{split}/{name}/images/{level}.png", image)
-    found = sources.read_source(str(tmp_path / "tiny"), 24, 0.5, 0, tmp_path / "dl")
+            write(tmp_path / "local", layout.format(split=split, name=name, level=level), image)
+    found = sources.read_source(str(tmp_path / "local"), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
     assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]
     assert found.test[0][:, 0, 0, 0].tolist() == [200, 220] and found.test[1].tolist() == [0, 1]
@@ -313,11 +319,3 @@ def test_facts_that_contradict_themselves_are_refused(tmp_path):
         (tmp_path / "meta.json").write_text(json.dumps(edited))
         with pytest.raises(UserError, match=culprit):
             prepared.read_facts(tmp_path)
-
-
-def test_prepared_images_of_another_size_than_the_facts_say_are_refused(tmp_path):
-    small_prepared(tmp_path)
-    np.savez(tmp_path / "train.npz", x=np.zeros((6, 9, 9, 3), np.uint8), y=np.zeros(6, np.int64))
-    with pytest.raises(UserError) as error:
-        prepared_split(tmp_path, "train")
-    assert "(6, 8, 8, 3)" in str(error.value) and str(error.value).endswith("rerun: dvc repro -f data")
