@@ -4,9 +4,10 @@ Measures, with the fraction, data, model, pretrain and finetune settings of para
 images of the prepared data's size (--data, default data/prepared: run `dvc repro data` first; its image
 counts size the budget):
 (a) the method's whole augmentation pipeline (its `views`) alone and, operation by operation, SimCLR's
-kornia operations, (b) the SimCLR train step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode
-inference, image decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of
-the study that params.yaml describes (stages/lib/budget.py), from those measured figures.
+kornia operations (its Gaussian blur only for images of pretrain.augment.blur_from px or more), (b) the
+SimCLR train step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode inference, image
+decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of the study that
+params.yaml describes (stages/lib/budget.py), from those measured figures.
 
     python -m stages.bench                 # 50,000 images on a GPU, 2,048 on a CPU
     python -m stages.bench --images 4096 --json bench.json
@@ -24,7 +25,8 @@ import torch
 from PIL import Image
 
 from stages.lib import budget, params, prepared, sources, train
-from stages.lib.augment import Standardize, affine_crop_flip, color_jitter, jitter_order
+from stages.lib.augment import (Standardize, affine_crop_flip, blur_kernel_size, color_jitter, jitter_order,
+                                random_blur)
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
 from stages.lib.models import ResNet, stem_for
@@ -54,27 +56,35 @@ def timed(fn, repeats, device, warmup=2):
     return train.seconds_since(start, device) / repeats
 
 
-def augmentation_ops(task, x, generator):
-    """Each of SimCLR's kornia operations alone on the float batch x (b, 3, H, W), and the method's whole
-    pipeline (`Method.views`) on b of the task's images: {name: (callable, views one call makes)}."""
-    batch, device = len(x), x.device
+def augmentation_ops(task):
+    """The method's whole pipeline (`Method.views`) on one step's images of the task, and each of SimCLR's
+    kornia operations alone on them as float (b, 3, H, W): the Gaussian blur (with probability 1) only for
+    images of `blur_from` px or more, as SimCLRAugment blurs. {name: (callable, views one call makes)}."""
+    images, generator, device = task.images[:task.images_per_step], task.generator, task.device
+    x = images / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
+    batch, size, cfg = len(x), min(x.shape[-2:]), task.cfg.augment
     factor = torch.full((batch,), 1.2, device=device)
     box = torch.tensor([[2.0, 3.0, 20.0, 24.0]], device=device).expand(batch, 4)
     flip = torch.rand(batch, device=device) < 0.5
     factors = {"brightness": factor, "contrast": factor, "saturation": factor, "hue": factor - 1.0}
     on = torch.ones(batch, dtype=torch.bool, device=device)
-    kornia_ops = {  # one view of each image
-        "crop+flip (one affine warp)": lambda: affine_crop_flip(x, box, flip),
-        "brightness": lambda: kornia.enhance.adjust_brightness_accumulative(x, factor),
-        "contrast": lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor),
-        "saturation": lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor),
-        "hue": lambda: kornia.enhance.adjust_hue(x, factor - 1.0),
-        "grayscale": lambda: kornia.color.rgb_to_grayscale(x),
-        "jitter, random order (16 ops)": lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
+    ops = {  # the operations make one view of each image
+        "whole pipeline": (lambda: task.method.views(images, generator),  # (V * b, 3, H, W)
+                           task.method.views_per_image * batch),
+        "crop+flip (one affine warp)": (lambda: affine_crop_flip(x, box, flip), batch),
+        "brightness": (lambda: kornia.enhance.adjust_brightness_accumulative(x, factor), batch),
+        "contrast": (lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor), batch),
+        "saturation": (lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor), batch),
+        "hue": (lambda: kornia.enhance.adjust_hue(x, factor - 1.0), batch),
+        "grayscale": (lambda: kornia.color.rgb_to_grayscale(x), batch),
+        "jitter, random order (16 ops)": (lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
+                                          batch),
     }
-    return {**{name: (fn, batch) for name, fn in kornia_ops.items()},
-            "whole pipeline": (lambda: task.method.views(task.images[:batch], generator),  # (V * b, 3, H, W)
-                               task.method.views_per_image * batch)}
+    if size >= cfg.blur_from:
+        ops["blur"] = (
+            lambda: random_blur(x, generator, 1.0, cfg.blur_sigma_min, cfg.blur_sigma_max, blur_kernel_size(size)),
+            batch)
+    return ops
 
 
 def decode_rate(size, n=2_000):
@@ -104,8 +114,7 @@ def measure(task, standardize, repeats):
     (a PretrainTask, one process: its batch is one step's images); `standardize` is the data's
     augment.Standardize the method was built with (inference uses it)."""
     batch, device, results = task.images_per_step, task.device, {}
-    x = task.images[:batch] / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
-    for name, (fn, views_made) in augmentation_ops(task, x, task.generator).items():
+    for name, (fn, views_made) in augmentation_ops(task).items():
         results[f"augment {name} views/s"] = round(views_made / timed(fn, repeats, device))
     views = task.make_views(task.images[:batch])  # (V * B, 3, H, W)
     # PretrainTask's step on these views, without Task.step's batch drawing and lr schedule

@@ -2,8 +2,13 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from stages.bench import augmentation_ops
 from stages.lib import budget
+from stages.lib import params as params_lib
+from stages.lib.simclr import SimCLR
+from tests.conftest import STANDARDIZE, write_params
 
 RATES = budget.Rates(train_views_per_s=1000, augment_views_per_s=4000, infer_images_per_s=2000,
                      decode_images_per_s=100, stage_start_s=5, compile_s=30, checkpoint_s=1, evaluate_s=7)
@@ -31,6 +36,19 @@ def test_budget_rows_are_worked_by_hand():
     assert by_stage["evaluate"]["seconds"] == pytest.approx(12)
     assert total == pytest.approx(17 + 5 + 19 + 5 + 2 * 46.2 + 12)
     assert "**whole study**" in budget.format_budget(rows, total)
+
+
+@pytest.mark.parametrize("epochs, epoch_s, checkpoint_seconds, checkpoints", [
+    (10, 10.0, 15.0, 4), (20, 4.0, 6.0, 9), (100, 1.0, 1.5, 49), (160, 1.57, 60.0, 4), (5, 2.0, 0.0, 4)])
+def test_checkpoints_counted_as_run_epochs_saves_them(epochs, epoch_s, checkpoint_seconds, checkpoints):
+    # run_epochs saves at the end of an epoch once checkpoint_seconds have passed since the last save: with
+    # 10 s epochs and 15 s, after epochs 2, 4, 6, 8 (none after the last), not every 15 s of the 90 s (6).
+    rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 2000 / epoch_s, "augment_views_per_s": float("inf")})
+    pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": epochs, "checkpoint_seconds": checkpoint_seconds})
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    row = next(r for r in rows if r["stage"] == "pretrain")  # 10 steps x 200 views an epoch, epoch_s seconds
+    assert row["epoch_s"] == pytest.approx(epoch_s)
+    assert f", {checkpoints} checkpoints" in row["note"]
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
@@ -61,3 +79,17 @@ def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
     assert [row["stage"] for row in figures["budget"]][:3] == ["data", "split", "pretrain"]
     assert figures["budget"][0]["images"] == 120  # the prepared data's images, not CIFAR-10's 60,000
     assert "| **whole study** |" in result.stdout
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_benchmark_times_the_blur_where_the_augmentation_blurs(tmp_path, size):
+    """bench's augmentation entries make the views they claim; the blur is timed only at blur_from px or more."""
+    cfg = params_lib.load(write_params(tmp_path / "params.yaml"), "pretrain").pretrain
+    task = SimpleNamespace(images=torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8), images_per_step=4,
+                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), cfg=cfg,
+                           method=SimCLR(cfg, STANDARDIZE))  # what augmentation_ops reads of a PretrainTask
+    ops = augmentation_ops(task)
+    assert cfg.augment.blur_from == 64  # params.yaml's: 32 px images are not blurred, 64 px ones are
+    assert ("blur" in ops) == (size == 64)
+    for name, (fn, views) in ops.items():
+        assert fn().shape[0] == views, name  # (views, 3, H, W) or, grayscale, (views, 1, H, W)

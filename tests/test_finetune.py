@@ -7,13 +7,14 @@ import signal
 import pytest
 import torch
 
+from stages import finetune as finetune_stage
 from stages.finetune import settings
 from stages.lib import params as params_lib
-from stages.lib import train
+from stages.lib import splits, train
 from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
-from tests.conftest import STANDARDIZE, synthetic_images, write_params
+from tests.conftest import STANDARDIZE, save_data, synthetic_images, write_params
 
 CPU = torch.device("cpu")
 
@@ -183,3 +184,33 @@ def test_a_seed_without_starting_weights_is_refused(tmp_path):
     save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
     with pytest.raises(UserError, match="starting weights for seeds \\[0\\], not for seed 3"):
         load_backbone(tmp_path / "baseline.pt", "resnet18", 4, "cifar", seed=3)
+
+
+def test_a_finished_cell_of_other_data_is_not_reused(tmp_path, monkeypatch, capsys):
+    """A finished cell's result.json is reused on data of the same pixels (in another folder), not on data of
+    other pixels (same params, weights, image counts, labels and splits): its config carries the data's digest."""
+    trained, run_epochs = [], train.run_epochs  # the data folder of each cell that trained
+
+    def record(task, *args):
+        trained.append(data.name)  # this run's data folder
+        run_epochs(task, *args)
+
+    def stop(*args):
+        raise StageError("stopped before publishing: the finished cell stays in --work")
+
+    monkeypatch.setattr(train, "run_epochs", record)
+    monkeypatch.setattr(finetune_stage, "publish", stop)
+    val, labeled = splits.make_splits(synthetic_images(4)[1], 10, [1.0], seed=0)
+    splits.save_splits(tmp_path / "splits", val, labeled)
+    params = write_params(tmp_path / "params.yaml", **{
+        "fraction": [1.0], "model.width": 4, "finetune.seeds": [0], "finetune.max_epochs": 1,
+        "finetune.batch_size": 16, "finetune.compile": False})
+    save_backbones(tmp_path / "baseline.pt", {0: ResNet("resnet18", 4, "cifar")}, origin="random", params={})
+    for run, pixels_seed in enumerate((0, 0, 1)):
+        data = save_data(tmp_path / f"data{run}", synthetic_images(4, seed=pixels_seed), synthetic_images(1, seed=9))
+        with pytest.raises(SystemExit):
+            finetune_stage.main(["--params", str(params), "--mode", "baseline", "--init", str(tmp_path / "baseline.pt"),
+                        "--data", str(data), "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out"),
+                        "--curves", str(tmp_path / "curves"), "--work", str(tmp_path / "work")])
+    assert capsys.readouterr().err.count("stopped before publishing") == 3  # each run got there
+    assert trained == ["data0", "data2"]
