@@ -94,20 +94,14 @@ def sample_grid(x, y, classes, path, *, seed):
     _save(fig, path)
 
 
-def _style_maps(cells):
-    modes = sorted({c["mode"] for c in cells})
-    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
-    styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(fractions)}
-    return modes, styles
-
-
 def curves(cells, column, ylabel, path):
     """One line per cell of `column` over epochs (colour = mode, line style = fraction)."""
-    modes, styles = _style_maps(cells)
+    modes = mode_order({c["mode"] for c in cells})
+    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
+    styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(fractions)}
     several_seeds = len({c["seed"] for c in cells}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
-    order = mode_order(modes)
-    ordered = sorted(cells, key=lambda c: (order.index(c["mode"]), -c["fraction"], c["seed"]))
+    ordered = sorted(cells, key=lambda c: (modes.index(c["mode"]), -c["fraction"], c["seed"]))
     for cell in ordered:
         values = np.asarray(cell["curve"][column], dtype=float)
         label = f"{cell['mode']}, {n_label(cell['fraction'])}"

@@ -243,8 +243,9 @@ def data_section(facts, devices):
              f"- Images: {facts.image_size}x{facts.image_size} RGB, {len(facts.classes)} classes; test set: "
              f"{facts.test_split}"]
     if facts.limit is not None:
+        unlabeled = ", and as many unlabeled ones" if facts.unlabeled else ""
         lines.append(f"- Subset: `data.limit` = {facts.limit} (at most that many labeled training images, "
-                     "stratified by class, and as many unlabeled ones; the test set is whole)")
+                     f"stratified by class{unlabeled}; the test set is whole)")
     for split, count in facts.images.items():
         lines.append(f"- {split} images: {count}")
     if facts.unlabeled:
