@@ -81,5 +81,5 @@ def test_the_import_walk_sees_indirect_imports():
 @pytest.mark.parametrize("name, entry, deps, declared", STAGES, ids=[s[0] for s in STAGES])
 def test_a_stage_declares_exactly_the_params_it_loads(name, entry, deps, declared):
     loaded = loaded_params(module_file(entry))
-    assert loaded, f"stages {entry} loads no params"
+    assert loaded, f"stage {entry} loads no params"
     assert sorted(loaded) == sorted(declared), f"dvc.yaml: stage {name} lists params {declared}, loads {loaded}"

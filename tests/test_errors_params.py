@@ -120,12 +120,31 @@ def test_sections_are_typed_and_only_the_loaded_ones_are_set(tmp_path):
         p.pretrain.lr = 1.0
 
 
-
-
 def test_a_single_key_loads_its_whole_section_but_gives_only_itself(tmp_path):
     path = write_params(tmp_path / "params.yaml", **TINY)
     p = params.load(path, "model", "finetune.seeds")
-    assert isinstance(p.finetune, params.FinetuneParams)  # the whole section, typed and checked
+    assert isinstance(p.finetune, params.FinetuneParams)  # the section's type, its named keys checked whole
     assert p.as_dict() == {"model": p.model.model_dump(), "finetune": {"seeds": p.finetune.seeds}}
+    with pytest.raises(AttributeError):  # a key dvc.yaml does not list for the stage cannot be read
+        p.finetune.lr
+    assert params.load(path, "finetune", "finetune.seeds").finetune.lr > 0  # named whole too: stays whole
     with pytest.raises(UserError, match="finetune.lr = -1"):  # a bad key beside the named one still stops
         params.load(edited_params(tmp_path / "bad.yaml", setter("finetune.lr", -1)), "finetune.seeds")
+
+
+BAD_NAMES = [
+    ("finetune.seedz", ["did you mean finetune.seeds?"]),
+    ("seed.x", []),
+    ("pretrain.augment.blur_p", ["did you mean pretrain.augment?"]),  # a nested section is loaded whole
+    ("finetune.", []),
+    ("sed", ["did you mean seed?"]),
+]
+
+
+@pytest.mark.parametrize("name, culprits", BAD_NAMES, ids=[c[0] for c in BAD_NAMES])
+def test_a_name_that_is_no_section_or_key_stops_in_load(tmp_path, name, culprits):
+    with pytest.raises(UserError) as error:
+        params.load(write_params(tmp_path / "params.yaml", **TINY), "model", name)
+    assert "\n" not in str(error.value)
+    for culprit in [f"{name} is no section of params.yaml nor a key of one", *culprits]:
+        assert culprit in str(error.value)

@@ -3,7 +3,7 @@ setting is declared once, here, with its type and allowed range, and the stages,
 augmentations take these typed sections. A bad value stops with one line naming key, value and rule.
 
 Usage: p = params.load("params.yaml", "seed", "model", "pretrain"); p.pretrain.lr
-       p = params.load("params.yaml", "model", "finetune.seeds")  # one key of a section
+       p = params.load("params.yaml", "model", "finetune.seeds")  # one key of a section: p.finetune.seeds only
 """
 import difflib
 import math
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from stages.lib.cli import UserError
 
@@ -200,7 +200,8 @@ class EvaluateParams(Section):
 
 
 class Params(Section):
-    """The params a stage loaded (the other sections stay None: a stage reads only what dvc.yaml names)."""
+    """The params a stage loaded, as dvc.yaml names them: the other sections stay None, and a section
+    named by single keys holds only those keys (reading another raises AttributeError)."""
 
     seed: Optional[Integer(0)] = None
     fraction: Optional[Fractions] = None
@@ -210,15 +211,11 @@ class Params(Section):
     pretrain: Optional[PretrainParams] = None
     finetune: Optional[FinetuneParams] = None
     evaluate: Optional[EvaluateParams] = None
-    _keys: dict[str, list[str]] = PrivateAttr(default_factory=dict)  # {section: its keys a stage named singly}
 
     def as_dict(self):
-        """The params the stage named (whole sections, or the keys named as section.key) as plain data,
-        as dvc.yaml lists them (for MLflow, fingerprints and weights files)."""
-        named = self.model_dump(exclude_unset=True)
-        for section, keys in self._keys.items():
-            named[section] = {key: named[section][key] for key in keys}
-        return named
+        """The params the stage loaded (whole sections, or only the keys named as section.key) as plain
+        data, as dvc.yaml lists them (for MLflow, fingerprints and weights files)."""
+        return self.model_dump(exclude_unset=True)
 
 
 SECTIONS = tuple(Params.model_fields)
@@ -226,20 +223,23 @@ SECTIONS = tuple(Params.model_fields)
 
 def load(path, *names: str) -> Params:
     """The named params of params file `path`, typed and validated, as `Params`: top-level sections
-    ("model"), or single keys of one ("finetune.seeds": its whole section is loaded and checked, but
-    `as_dict` gives only the named keys, which are what dvc.yaml lists for the stage).
+    ("model"), or single keys of one ("finetune.seeds": its whole section is checked, but the stage
+    sees, and `as_dict` gives, only the named keys, which are what dvc.yaml lists for the stage; a
+    section also named whole stays whole). A name that is no section, or no key of one, stops here.
 
     Every top-level key is checked for typos (each stage reports one); the named sections are
     checked key by key, and nested sections likewise.
     """
+    for name in names:
+        _check_name(name)
     path = Path(path)
     raw = _read(path)
     _check_keys(path, "", raw, Params, required=False)
-    chosen, keys = {}, {}
+    chosen, singles = {}, {}
     for name in names:
-        section, _, key = name.partition(".")
-        if key:
-            keys.setdefault(section, []).append(key)
+        section, dot, key = name.partition(".")
+        if dot:
+            singles.setdefault(section, {})[key] = None  # {section: its singly named keys, in order}
         if section in chosen:
             continue
         if section not in raw:
@@ -253,8 +253,26 @@ def load(path, *names: str) -> Params:
         loaded = Params.model_validate(chosen)
     except ValidationError as error:
         raise UserError(_first_error(path, error, chosen)) from None
-    loaded._keys = keys
-    return loaded
+    narrowed = {}  # each section named only by single keys, as a copy holding only those keys
+    for section, keys in singles.items():
+        if section not in names:  # a section also named whole stays whole
+            whole = getattr(loaded, section)
+            narrowed[section] = type(whole).model_construct(**{key: getattr(whole, key) for key in keys})
+    return loaded.model_copy(update=narrowed)
+
+
+def _check_name(name):
+    """A name a stage loads: a section of Params ("model") or one key of a section ("finetune.seeds")."""
+    known = [*SECTIONS, *(f"{s}.{key}" for s in SECTIONS if _section_type(Params, s) for key in
+                          _section_type(Params, s).model_fields)]
+    if name not in known:
+        raise UserError(f"params.load: {name} is no section of params.yaml nor a key of one"
+                        f"{_did_you_mean(name, known, '')}")
+
+
+def _did_you_mean(key, known, prefix):
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _section_type(model, name):
@@ -282,8 +300,7 @@ def _check_keys(path, prefix, mapping, model, required=True):
     fields = list(model.model_fields)
     unknown = sorted(str(key) for key in mapping if key not in fields)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], fields, n=1)
-        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        hint = _did_you_mean(unknown[0], fields, prefix)
         raise UserError(f"{path}: {prefix}{unknown[0]}: unknown key{hint} (allowed: {', '.join(fields)})")
     for name in fields if required else ():
         if name not in mapping:
