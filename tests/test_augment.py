@@ -166,9 +166,9 @@ def augmentations(blur_from):
 
 def test_augmentations_read_nothing_back_to_the_host(monkeypatch):
     """No tensor is read back to the host as a Python value or by the methods nonzero(), .cpu() or .numpy()
-    (each a host sync on the GPU) in the blur or either pipeline; data-dependent shapes (mask indexing) are
-    left to the CUDA test below. kornia's gaussian_blur2d would: it checks a tensor sigma with bool(), which this
-    test catches."""
+    (each a host sync on the GPU) in the blur or either pipeline. kornia's gaussian_blur2d would: it checks a
+    tensor sigma with bool(), which this test catches. Data-dependent shapes (mask indexing) are left to the
+    CUDA test below."""
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host")
 

@@ -96,12 +96,15 @@ def test_unknown_name_is_taken_as_a_path(tmp_path):
         sources.read_source("cifar11", 32, 0.2, 0, tmp_path / "download")
 
 
-# (id, edit of a split's (x, y), the error's fragment given n, the split's image count in meta.json)
+# (id, edit of a split's (x, y), the error's fragment given n: the split's image count in meta.json)
 PREPARED_CASES = [
     ("one-image-fewer", lambda x, y: (x[:-1], y[:-1]), lambda n: f"expected uint8 ({n}, 32, 32, 3) as meta.json says"),
     ("other-image-size", lambda x, y: (x[:, :31, :31], y),
      lambda n: f"has images uint8 ({n}, 31, 31, 3), expected uint8 ({n}, 32, 32, 3) as meta.json says"),
+    ("int16-images", lambda x, y: (x.astype(np.int16), y),
+     lambda n: f"has images int16 ({n}, 32, 32, 3), expected uint8 ({n}, 32, 32, 3) as meta.json says"),
     ("labels-one-longer", lambda x, y: (x, np.append(y, 0)), lambda n: f"labels of shape ({n + 1},), expected ({n},)"),
+    ("float-labels", lambda x, y: (x, y + 0.7), lambda n: "has labels of type float64, expected int64"),
     ("label-is-class-count", lambda x, y: (x, np.append(y[:-1], len(CLASSES))),
      lambda n: f"labels outside 0..{len(CLASSES) - 1} ({len(CLASSES)} classes in meta.json)"),
 ]
@@ -110,7 +113,7 @@ PREPARED_CASES = [
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("edit, fragment", [c[1:] for c in PREPARED_CASES], ids=[c[0] for c in PREPARED_CASES])
 def test_prepared_split_that_disagrees_with_meta_json_is_refused(tmp_path, split, edit, fragment):
-    """A <split>.npz whose images or labels disagree with meta.json (count, size, classes) or with each other."""
+    """A <split>.npz whose images or labels disagree with meta.json (count, size, dtype, classes) or with each other."""
     save_data(tmp_path, synthetic_images(2, seed=1), synthetic_images(1, seed=2))
     x, y = prepared_split(tmp_path, split)
     edited_x, edited_y = edit(x, y)
@@ -119,4 +122,17 @@ def test_prepared_split_that_disagrees_with_meta_json_is_refused(tmp_path, split
         prepared_split(tmp_path, split)
     message = str(raised.value)
     assert f"{split}.npz" in message and fragment(len(y)) in message, message
+    assert "\n" not in message and message.endswith("rerun: dvc repro -f data")
+
+
+def test_unlabeled_images_that_disagree_with_meta_json_are_refused(tmp_path):
+    """unlabeled.npz must hold as many images as meta.json's `unlabeled` says."""
+    unlabeled, _ = synthetic_images(1, seed=3)  # 10 images
+    save_data(tmp_path, synthetic_images(2, seed=1), synthetic_images(1, seed=2), unlabeled=unlabeled)
+    assert len(prepared_split(tmp_path, "unlabeled")) == 10
+    np.savez(tmp_path / "unlabeled.npz", x=unlabeled[:-1])
+    with pytest.raises(UserError) as raised:
+        prepared_split(tmp_path, "unlabeled")
+    message = str(raised.value)
+    assert "unlabeled.npz has images uint8 (9, 32, 32, 3), expected uint8 (10, 32, 32, 3) as meta.json says" in message
     assert "\n" not in message and message.endswith("rerun: dvc repro -f data")

@@ -152,9 +152,11 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
     "train/{split}/{name}/{level}.png",  # a wrapping folder named like a split is not the split
     "test/{split}/{name}/{level}.png",
     "copy/{split}/{name}/{level}.png",
+    "{split}/{name}/test/x/{level}.png",  # nor is a folder named like a split inside a class folder
 ])
-def test_the_split_folders_are_the_train_and_test_nearest_the_images(tmp_path, layout):
-    """train/<class>/ and test/<class>/, wrapped in any folder and with the images at any depth below."""
+def test_the_split_folders_are_the_outermost_train_and_test_that_hold_class_folders(tmp_path, layout):
+    """train/<class>/ and test/<class>/, wrapped in any folder (one named train/ or test/ too) and with the
+    images at any depth below (in a folder named train/ or test/ too)."""
     for split, levels in (("train", (10, 20, 30, 40)), ("test", (200, 220))):
         for index, level in enumerate(levels):
             name = ("ant", "bee")[index % 2]

@@ -112,8 +112,8 @@ def save_prepared(out_dir, arrays, meta):
 def load_prepared(data_dir, split, facts):
     """train/test: (x uint8 (N, S, S, 3), y int64 (N,)); unlabeled: x uint8 (M, S, S, 3), empty
     (0, S, S, 3) when the data has no unlabeled images. S and the classes come from `facts`, the
-    data's DataFacts (`read_facts`), which the caller reads once. The arrays' shapes must be those the
-    facts give (image size, and the number of images: `images[split]` or `unlabeled`)."""
+    data's DataFacts (`read_facts`), which the caller reads once. The arrays must have these dtypes and the
+    shapes the facts give (image size, and the number of images: `images[split]` or `unlabeled`)."""
     size, path = facts.image_size, Path(data_dir) / f"{split}.npz"
     if split == "unlabeled":
         if facts.unlabeled == 0:
@@ -125,10 +125,12 @@ def load_prepared(data_dir, split, facts):
     _check_images(path, x, size, facts.images[split])
     if y.shape != (len(x),):
         raise UserError(f"{path} has labels of shape {y.shape}, expected ({len(x)},) as meta.json says; {HINT}")
+    if y.dtype != np.int64:
+        raise UserError(f"{path} has labels of type {y.dtype}, expected int64; {HINT}")
     if len(y) and (y.min() < 0 or y.max() >= len(facts.classes)):
         raise UserError(f"{path} has labels outside 0..{len(facts.classes) - 1} ({len(facts.classes)} classes "
                         f"in meta.json); {HINT}")
-    return x, y.astype(np.int64)
+    return x, y
 
 
 def _check_images(path, x, size, count):

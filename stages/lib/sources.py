@@ -292,10 +292,12 @@ def _collect(files, source):
 
 
 def _split_root(parts):
-    """The parts above the last train/ or test/ in a file's path that still has a class folder and the file
-    below it (train/<class>/*, or deeper in the class folder), or None: a wrapping folder named train/ or
-    test/ (train/{train,test}/<class>/*) is not the split."""
-    return next((parts[:i] for i in range(len(parts) - 3, -1, -1) if parts[i] in SPLITS), None)
+    """The parts above the first train/ or test/ in a file's path that has a class folder (not another
+    train/ or test/) and the file below it (train/<class>/*, or deeper in the class folder), or None: neither
+    a wrapping folder named train/ or test/ (train/{train,test}/<class>/*) nor one inside a class folder
+    (train/<class>/test/x/*) is the split."""
+    return next((parts[:i] for i in range(len(parts) - 2) if parts[i] in SPLITS and parts[i + 1] not in SPLITS),
+                None)
 
 
 def _bases(images, folders, source):
