@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from stages.lib import budget, params, prepared, sources, train
-from stages.lib.augment import (Standardize, affine_crop_flip, blur_kernel_size, color_jitter, jitter_order,
+from stages.lib.augment import (Standardize, affine_crop_flip, blur_kernel_size, blurs, color_jitter, jitter_order,
                                 random_blur)
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
@@ -59,7 +59,8 @@ def timed(fn, repeats, device, warmup=2):
 def augmentation_ops(task):
     """The method's whole pipeline (`Method.views`) on one step's images of the task, and each of SimCLR's
     kornia operations alone on them as float (b, 3, H, W): the Gaussian blur (with probability 1) only for
-    images of `blur_from` px or more, as SimCLRAugment blurs. {name: (callable, views one call makes)}."""
+    images that SimCLRAugment blurs (augment.blurs: `blur_from` px or more).
+    {name: (callable, views one call makes)}."""
     images, generator, device = task.images[:task.images_per_step], task.generator, task.device
     x = images / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
     batch, size, cfg = len(x), min(x.shape[-2:]), task.cfg.augment
@@ -80,7 +81,7 @@ def augmentation_ops(task):
         "jitter, random order (16 ops)": (lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
                                           batch),
     }
-    if size >= cfg.blur_from:
+    if blurs(cfg, *x.shape[-2:]):
         ops["blur"] = (
             lambda: random_blur(x, generator, 1.0, cfg.blur_sigma_min, cfg.blur_sigma_max, blur_kernel_size(size)),
             batch)

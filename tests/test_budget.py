@@ -1,11 +1,12 @@
 """The time budget's arithmetic on figures whose answer is worked by hand."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from stages.bench import augmentation_ops
-from stages.lib import budget
+from stages.lib import augment, budget, train
 from stages.lib import params as params_lib
 from stages.lib.simclr import SimCLR
 from tests.conftest import STANDARDIZE, write_params
@@ -38,9 +39,37 @@ def test_budget_rows_are_worked_by_hand():
     assert "**whole study**" in budget.format_budget(rows, total)
 
 
+class FakeTime:
+    """Stands for the time module in stages.lib.train: its monotonic clock moves only when told."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+
+class EpochTask:
+    """What run_epochs reads of a Task: one step an epoch, whose end moves the clock on by epoch_s."""
+
+    device, images_per_step, steps_per_epoch = torch.device("cpu"), 1, 1
+
+    def __init__(self, clock, epoch_s):
+        self.clock, self.epoch_s = clock, epoch_s
+
+    def step(self, epoch, step):
+        return torch.tensor(1.0)
+
+    def end_epoch(self, epoch, mean_loss):
+        self.clock.now += self.epoch_s
+
+    def state(self, epoch, step, loss_sum):
+        return {"epoch": epoch, "step": step}
+
+
 @pytest.mark.parametrize("epochs, epoch_s, checkpoint_seconds, checkpoints", [
     (10, 10.0, 15.0, 4), (20, 4.0, 6.0, 9), (100, 1.0, 1.5, 49), (160, 1.57, 60.0, 4), (5, 2.0, 0.0, 4)])
-def test_checkpoints_counted_as_run_epochs_saves_them(epochs, epoch_s, checkpoint_seconds, checkpoints):
+def test_checkpoints_counted_as_run_epochs_saves_them(monkeypatch, epochs, epoch_s, checkpoint_seconds, checkpoints):
     # run_epochs saves at the end of an epoch once checkpoint_seconds have passed since the last save: with
     # 10 s epochs and 15 s, after epochs 2, 4, 6, 8 (none after the last), not every 15 s of the 90 s (6).
     rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 2000 / epoch_s, "augment_views_per_s": float("inf")})
@@ -49,6 +78,13 @@ def test_checkpoints_counted_as_run_epochs_saves_them(epochs, epoch_s, checkpoin
     row = next(r for r in rows if r["stage"] == "pretrain")  # 10 steps x 200 views an epoch, epoch_s seconds
     assert row["epoch_s"] == pytest.approx(epoch_s)
     assert f", {checkpoints} checkpoints" in row["note"]
+    # run_epochs itself, on epochs of epoch_s seconds, saves as many
+    clock, saves = FakeTime(), []
+    monkeypatch.setattr(train, "time", clock)
+    checkpoint = SimpleNamespace(path=Path("unwritten.pt"), load=lambda: None, save=saves.append)
+    train.run_epochs(EpochTask(clock, epoch_s), epochs, checkpoint, checkpoint_seconds, "pretrain")
+    assert clock.now == pytest.approx(epochs * epoch_s)
+    assert len(saves) == checkpoints
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
@@ -84,12 +120,12 @@ def test_benchmark_prints_its_figures_and_the_budget(tmp_path):
 @pytest.mark.parametrize("size", [32, 64])
 def test_benchmark_times_the_blur_where_the_augmentation_blurs(tmp_path, size):
     """bench's augmentation entries make the views they claim; the blur is timed only at blur_from px or more."""
-    cfg = params_lib.load(write_params(tmp_path / "params.yaml"), "pretrain").pretrain
+    path = write_params(tmp_path / "params.yaml", **{"pretrain.augment.blur_from": 64})  # 32 px no, 64 px yes
+    cfg = params_lib.load(path, "pretrain").pretrain
     task = SimpleNamespace(images=torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8), images_per_step=4,
                            generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), cfg=cfg,
                            method=SimCLR(cfg, STANDARDIZE))  # what augmentation_ops reads of a PretrainTask
     ops = augmentation_ops(task)
-    assert cfg.augment.blur_from == 64  # params.yaml's: 32 px images are not blurred, 64 px ones are
-    assert ("blur" in ops) == (size == 64)
+    assert ("blur" in ops) == augment.blurs(cfg.augment, size, size) == (size == 64)
     for name, (fn, views) in ops.items():
         assert fn().shape[0] == views, name  # (views, 3, H, W) or, grayscale, (views, 1, H, W)

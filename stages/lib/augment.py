@@ -150,6 +150,12 @@ def blur_kernel_size(image_size):
     return max(3, size + 1 - size % 2)
 
 
+def blurs(cfg, height: int, width: int) -> bool:
+    """Whether SimCLR's augmentation (params' SimCLRAugmentParams `cfg`) blurs images of height x width:
+    only from `cfg.blur_from` pixels a side (not CIFAR's 32)."""
+    return min(height, width) >= cfg.blur_from
+
+
 def gaussian_blur(x, sigma, kernel_size):
     """Blur each sample with its own standard deviation: x float (B, 3, H, W), sigma (B,) in pixels,
     kernel_size odd -> (B, 3, H, W), clamped to [0, 1], reflect border (as torchvision's gaussian_blur).
@@ -196,7 +202,7 @@ class SimCLRAugment:
         x = self._jitter(x, generator)
         gray = _chance(generator, batch, cfg.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
-        blur_p = cfg.blur_p if min(height, width) >= cfg.blur_from else 0.0  # p 0 draws nothing (CIFAR)
+        blur_p = cfg.blur_p if blurs(cfg, height, width) else 0.0  # p 0 draws nothing (CIFAR)
         x = random_blur(x, generator, blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
                         blur_kernel_size(min(height, width)))
         return self.standardize(x)  # x is this call's own tensor (each step above made a new one)
