@@ -52,9 +52,12 @@ def fabricate_data(root, source):
     save_data(root / "data", synthetic_images(6, seed=1), synthetic_images(2, seed=2), source=source, sha256="ab" * 32)
 
 
-def facts(source, url=None, sha256=None, limit=None):
-    """The data facts of a small synthetic data set from `source` (`limit`: its data.limit)."""
+def facts(source, url=None, sha256=None, limit=None, unlabeled=0):
+    """The data facts of a small synthetic data set from `source` (`limit`: its data.limit; `unlabeled`:
+    how many unlabeled images it has, at most 10)."""
     arrays = {"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)}
+    if unlabeled:
+        arrays["unlabeled"] = synthetic_images(1, seed=3)[0][:unlabeled]
     return prepared.data_facts(arrays, CLASSES, source=source, url=url, sha256=sha256, test_split="official",
                                limit=limit)
 
@@ -239,16 +242,22 @@ def test_baseline_only_has_no_comparison(tmp_path):
     assert headline["study.json"] == {"seconds": 3 * 12.5} and dvc_views.gain_rows(comparison) == []
 
 
-def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path):
-    """The seed project's numbers are for the whole of CIFAR-10, not a data.limit subset of it."""
+@pytest.mark.parametrize("unlabeled, stratified", [
+    (0, "stratified by class; the test set is whole)"),
+    (10, "stratified by class, and as many unlabeled ones; the test set is whole)")])
+def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path, unlabeled, stratified):
+    """The seed project's numbers are for the whole of CIFAR-10, not a data.limit subset of it; the
+    Subset line speaks of unlabeled images only where there are some."""
     cells = _cells(tmp_path, ("baseline", "ssl"), seeds=(0,))
     settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
     summary, _ = study.summarise(cells, list(CLASSES))
     comparison = study.compare(cells, settings, 0)
-    whole, subset = (report.build(summary, comparison, facts("cifar10", url="https://example.org/c10", limit=limit),
+    whole, subset = (report.build(summary, comparison, facts("cifar10", url="https://example.org/c10", limit=limit,
+                                                             unlabeled=unlabeled),
                                   {"ssl": ["cpu"]}, settings) for limit in (None, 5000))
     assert "Seed project" in whole and "data.limit" not in whole
-    assert "Seed project" not in subset and "- Subset: `data.limit` = 5000 (at most" in subset
+    assert "Seed project" not in subset
+    assert "- Subset: `data.limit` = 5000 (at most that many labeled training images, " + stratified in subset
 
 
 def test_many_classes_keep_the_sample_grid_readable(tmp_path):

@@ -30,9 +30,10 @@ def mode_order(modes):
 
 
 def _colour(mode, modes):
+    """The colour of `mode` among `modes` (in mode_order): its own, else the next of OTHER_COLOURS."""
     if mode in MODE_COLOURS:
         return MODE_COLOURS[mode]
-    others = [m for m in mode_order(modes) if m not in MODE_COLOURS]
+    others = [m for m in modes if m not in MODE_COLOURS]
     return OTHER_COLOURS[others.index(mode) % len(OTHER_COLOURS)]
 
 
@@ -94,10 +95,14 @@ def sample_grid(x, y, classes, path, *, seed):
     _save(fig, path)
 
 
+def _modes_and_fractions(cells):
+    """(modes of `cells` in mode_order, their fractions largest first)."""
+    return mode_order({c["mode"] for c in cells}), sorted({c["fraction"] for c in cells}, reverse=True)
+
+
 def curves(cells, column, ylabel, path):
     """One line per cell of `column` over epochs (colour = mode, line style = fraction)."""
-    modes = mode_order({c["mode"] for c in cells})
-    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
+    modes, fractions = _modes_and_fractions(cells)
     styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(fractions)}
     several_seeds = len({c["seed"] for c in cells}) > 1
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -236,8 +241,7 @@ def accuracy_vs_fraction(summary, path):
 
 def confusion_matrices(cells, classes, path):
     """Row-normalised confusion matrices in a grid: a row of panels per mode, a column per N."""
-    modes = mode_order({c["mode"] for c in cells})
-    fractions = sorted({c["fraction"] for c in cells}, reverse=True)
+    modes, fractions = _modes_and_fractions(cells)
     fig, axes = plt.subplots(len(modes), len(fractions), squeeze=False, layout="constrained",
                              figsize=(3.6 * len(fractions) + 1.2, 3.8 * len(modes) + 0.6))
     image = None
