@@ -5,7 +5,8 @@ method for its augmented views, runs backbone + the method's head on them, and m
 method's loss. A monitor (e.g. `knn.KNNMonitor`) measures the backbone every `knn_every` epochs.
 A second method needs a `Method` subclass built as `cls(cfg, standardize)` (stages/lib/simclr.py is the first),
 its entry in `METHODS` (stages/pretrain.py), its name in `pretrain.method`'s `Choice`, its settings in
-`PretrainParams` (stages/lib/params.py), and its module in the pretrain stage's deps in dvc.yaml (tests/test_deps.py).
+`PretrainParams` (stages/lib/params.py) with their values in params.yaml, and its module in the pretrain
+stage's deps in dvc.yaml (tests/test_deps.py).
 """
 from abc import ABC, abstractmethod
 
