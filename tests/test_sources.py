@@ -162,10 +162,21 @@ def test_the_split_folders_are_the_outermost_train_and_test_that_hold_class_fold
             name = ("ant", "bee")[index % 2]
             image = encode(Image.new("L", (24, 24), level), "PNG")
             write(tmp_path / "local", layout.format(split=split, name=name, level=level), image)
+    write(tmp_path / "local", layout.partition("{split}")[0] + "README.txt", b"ants and bees\n")  # ignored
     found = sources.read_source(str(tmp_path / "local"), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
     assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]
     assert found.test[0][:, 0, 0, 0].tolist() == [200, 220] and found.test[1].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("inner", ["cat/train/a/0.png", "cat/test/old/0.png"], ids=["train", "test"])
+def test_a_split_folder_inside_a_flat_class_folder_is_refused(tmp_path, inner):
+    """<class>/* with a train/ or test/ folder inside one class: not a split tree that drops the classes."""
+    for rel in ("dog/0.png", "dog/1.png", "cat/0.png", "cat/1.png", inner, inner.replace("0.png", "1.png")):
+        write(tmp_path / "src", rel, encode(Image.new("RGB", (8, 8)), "PNG"))
+    with pytest.raises(UserError) as error:
+        sources.read_source(str(tmp_path / "src"), 8, 0.5, 0, tmp_path / "dl")
+    assert "\n" not in str(error.value) and "dog/0.png lies outside cat/train/ and cat/test/" in str(error.value)
 
 
 def test_hold_out_too_small_a_class_is_named(tmp_path):

@@ -97,12 +97,12 @@ def _cifar(name, label_order, image_size, download_dir):
     from torchvision import datasets  # imported here: only the named data sets need it
 
     dataset_class = getattr(datasets, name.replace("-", ""))
-    arrays, classes = {}, None
+    arrays = {}
     for split in SPLITS:
         dataset = _download(name, download_dir, dataset_class, train=split == "train")
         classes = list(dataset.classes)
         if label_order is not None and classes != label_order:
-            raise UserError(f"torchvision {name} classes {dataset.classes} are not in {name} label order "
+            raise UserError(f"torchvision {name} classes {classes} are not in {name} label order "
                             f"({', '.join(label_order)}); check the torchvision version or set data.source")
         arrays[split] = (fit_arrays(np.asarray(dataset.data, dtype=np.uint8), image_size),
                          np.asarray(dataset.targets, dtype=np.int64))
@@ -275,7 +275,8 @@ def _ignored(rel):
 
 def _collect(files, source):
     """Find the class folders: ({split: base folder}, {split: {class: [(name, read)]}}, {split: empty
-    class folders}); "test" only if the copy has a test/ folder. Files outside class folders are ignored."""
+    class folders}); "test" only if the copy has a test/ folder. Loose files beside or above the class folders
+    (or beside train/ and test/) are ignored; files in any other folder outside train/ and test/ are refused."""
     images, folders = [], set()
     for rel, read in files:
         if _ignored(rel):
@@ -312,11 +313,24 @@ def _bases(images, folders, source):
     if not roots:  # <class>/*, below the folder that holds every image in a folder (not files at the top)
         return {"train": tuple(os.path.commonprefix([parts[:-1] for parts, _ in images if len(parts) > 1]))}
     (root,) = roots  # train/<class>/* and maybe test/<class>/*, below root
+    stray = next((parts for parts, _ in images if _outside(parts, root)), None)
+    if stray:
+        top = "/".join(root) + "/" if root else ""
+        raise UserError(f"{source}: {'/'.join(stray)} lies outside {top}train/ and {top}test/; keep every class "
+                        f"folder in them ({top}train/<class>/*), or use <class>/* folders with no train/ or test/ "
+                        "folder inside a class")
     present = {parts[len(root)] for parts, _ in images if parts[:len(root)] == root and len(parts) > len(root) + 1}
     bases = {split: root + (split,) for split in SPLITS if split in present or root + (split,) in folders}
     if "train" not in bases:
         raise UserError(f"{source}: no train/<class>/ images found beside {'/'.join(root + ('test',))}/")
     return bases
+
+
+def _outside(parts, root):
+    """Whether a file lies in a folder outside root/train/ and root/test/ that is neither root nor above it
+    (loose files there, like a README beside train/, are ignored)."""
+    folder = parts[:-1]
+    return root[:len(folder)] != folder and parts[:len(root) + 1] not in {root + (split,) for split in SPLITS}
 
 
 def _class_files(images, base, source):
