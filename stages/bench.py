@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import kornia
@@ -25,8 +26,8 @@ import torch
 from PIL import Image
 
 from stages.lib import budget, params, prepared, sources, train
-from stages.lib.augment import (Standardize, affine_crop_flip, blur_kernel_size, blurs, color_jitter, jitter_order,
-                                random_blur)
+from stages.lib.augment import (JITTER_OPS, SimCLRAugment, Standardize, affine_crop_flip, blurs, color_jitter,
+                                jitter_op, jitter_order)
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
 from stages.lib.models import ResNet, stem_for
@@ -63,28 +64,24 @@ def augmentation_ops(task):
     {name: (callable, views one call makes)}."""
     images, generator, device = task.images[:task.images_per_step], task.generator, task.device
     x = images / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
-    batch, size, cfg = len(x), min(x.shape[-2:]), task.cfg.augment
+    batch, cfg = len(x), task.cfg.augment
     factor = torch.full((batch,), 1.2, device=device)
     box = torch.tensor([[2.0, 3.0, 20.0, 24.0]], device=device).expand(batch, 4)
     flip = torch.rand(batch, device=device) < 0.5
-    factors = {"brightness": factor, "contrast": factor, "saturation": factor, "hue": factor - 1.0}
+    factors = {name: factor - 1.0 if name == "hue" else factor for name in JITTER_OPS}  # hue: 0.2 of a turn
     on = torch.ones(batch, dtype=torch.bool, device=device)
     ops = {  # the operations make one view of each image
         "whole pipeline": (lambda: task.method.views(images, generator),  # (V * b, 3, H, W)
                            task.method.views_per_image * batch),
         "crop+flip (one affine warp)": (lambda: affine_crop_flip(x, box, flip), batch),
-        "brightness": (lambda: kornia.enhance.adjust_brightness_accumulative(x, factor), batch),
-        "contrast": (lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, factor), batch),
-        "saturation": (lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, factor), batch),
-        "hue": (lambda: kornia.enhance.adjust_hue(x, factor - 1.0), batch),
+        **{name: (partial(jitter_op, name, x, factors[name]), batch) for name in JITTER_OPS},
         "grayscale": (lambda: kornia.color.rgb_to_grayscale(x), batch),
         "jitter, random order (16 ops)": (lambda: color_jitter(x, factors, jitter_order(generator, batch, device), on),
                                           batch),
     }
     if blurs(cfg, *x.shape[-2:]):
-        ops["blur"] = (
-            lambda: random_blur(x, generator, 1.0, cfg.blur_sigma_min, cfg.blur_sigma_max, blur_kernel_size(size)),
-            batch)
+        simclr = SimCLRAugment(cfg, standardize=None)  # its blur alone, which does not standardize
+        ops["blur"] = (lambda: simclr.blur(x, generator, 1.0), batch)
     return ops
 
 

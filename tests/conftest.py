@@ -2,6 +2,7 @@
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -121,6 +122,22 @@ def run_module(module, *args, cwd=REPO, env=None, timeout=600):
         [sys.executable, "-m", module, *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def interrupt_steps(task, stop_at=None, crash_at=None):
+    """Wrap `task.step`: at (epoch, step) `stop_at` send this process SIGINT, as Ctrl-C does (that step still
+    runs); at `crash_at` raise RuntimeError instead of the step, as a kill -9 would end it. Returns task."""
+    step = task.step
+
+    def interrupted_step(epoch, index):
+        if (epoch, index) == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if (epoch, index) == crash_at:
+            raise RuntimeError("simulated kill -9")
+        return step(epoch, index)
+
+    task.step = interrupted_step
+    return task
 
 
 def copy_project(dest):

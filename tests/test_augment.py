@@ -75,13 +75,13 @@ def test_color_jitter_applies_each_samples_own_order():
         expected = x[b : b + 1]
         for index in order[b].tolist():
             name = JITTER_OPS[index]
-            expected = augment._jitter_op(name, expected, factors[name][:1])  # each op clips to [0, 1]
+            expected = augment.jitter_op(name, expected, factors[name][:1])  # each op clips to [0, 1]
         torch.testing.assert_close(out[b : b + 1], expected)
     torch.testing.assert_close(out[7], x[7])  # jitter off: unchanged
     # Several orders were drawn, and the order matters: brightness then contrast is not contrast then brightness.
     assert len({tuple(row) for row in order[:7].tolist()}) > 1
-    b, c = (lambda y: augment._jitter_op("brightness", y, factors["brightness"][:1]),
-            lambda y: augment._jitter_op("contrast", y, factors["contrast"][:1]))
+    b, c = (lambda y: augment.jitter_op("brightness", y, factors["brightness"][:1]),
+            lambda y: augment.jitter_op("contrast", y, factors["contrast"][:1]))
     assert not torch.allclose(c(b(x[:1])), b(c(x[:1])))
 
 

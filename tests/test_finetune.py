@@ -1,8 +1,6 @@
 """Fine-tuning: learns on synthetic data, keeps the best epoch, freezes what it should, and every
 cell starts from its own weights although one classifier serves every cell of a process."""
 import functools
-import os
-import signal
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from stages.lib import splits, train
 from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
-from tests.conftest import STANDARDIZE, save_data, synthetic_images, write_params
+from tests.conftest import STANDARDIZE, interrupt_steps, save_data, synthetic_images, write_params
 
 CPU = torch.device("cpu")
 
@@ -109,17 +107,8 @@ def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, stop_at):
     backbone = ResNet("resnet18", 4, "cifar")
 
     def cell(name, stop=None):
-        task = make_task("ssl", copy_of(backbone), p)
-        step = task.step
-
-        def stopping_step(epoch, index):
-            if (epoch, index) == stop:
-                os.kill(os.getpid(), signal.SIGINT)
-            return step(epoch, index)
-
-        task.step = stopping_step
-        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / name, {}), 100_000,
-                         "ssl")
+        task = interrupt_steps(make_task("ssl", copy_of(backbone), p), stop_at=stop)
+        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / name, {}), 100_000, "ssl")
         return task
 
     reference = cell("a.pt")

@@ -1,7 +1,5 @@
 """SimCLR pieces: NT-Xent against the paper, augmentations, backbone, and CPU pretraining."""
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from stages.lib.models import ResNet
 from stages.lib.params import SupervisedAugmentParams
 from stages.lib.pretraining import Method, PretrainTask
 from stages.lib.simclr import SimCLR
-from tests.conftest import STANDARDIZE, save_data, synthetic_images, write_params
+from tests.conftest import STANDARDIZE, interrupt_steps, save_data, synthetic_images, write_params
 from stages.lib import params as params_lib
 
 
@@ -139,16 +137,7 @@ def make_task(tmp_path, epochs=3):
 def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
     """Run (or resume) a tiny pretraining; optionally send SIGINT or crash at (epoch, step)."""
     task, p = make_task(tmp_path, epochs)
-    step = task.step
-
-    def interrupted_step(epoch, index):
-        if (epoch, index) == stop_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        if (epoch, index) == crash_at:
-            raise RuntimeError("simulated kill -9")
-        return step(epoch, index)
-
-    task.step = interrupted_step
+    interrupt_steps(task, stop_at, crash_at)
     checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p.model_dump()})
     train.run_epochs(task, p.epochs, checkpoint, 0, "pretrain")
     return task

@@ -114,7 +114,7 @@ def jitter_order(generator, batch, device):
     return torch.rand(batch, len(JITTER_OPS), generator=generator, device=device).argsort(1)
 
 
-def _jitter_op(name, x, factor):
+def jitter_op(name, x, factor):
     """One colour operation with a per-sample factor (B,) on float images (B, 3, H, W) in [0, 1]."""
     if name == "brightness":
         return kornia.enhance.adjust_brightness_accumulative(x, factor)
@@ -138,7 +138,7 @@ def color_jitter(x, factors, order, on):
     for position in range(len(JITTER_OPS)):
         for index, name in enumerate(JITTER_OPS):
             chosen = (order[:, position] == index).view(-1, 1, 1, 1) & mask  # (B, 1, 1, 1)
-            x = torch.where(chosen, _jitter_op(name, x, factors[name]), x)
+            x = torch.where(chosen, jitter_op(name, x, factors[name]), x)
     return x
 
 
@@ -202,10 +202,15 @@ class SimCLRAugment:
         x = self._jitter(x, generator)
         gray = _chance(generator, batch, cfg.grayscale_p, device).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
-        blur_p = cfg.blur_p if blurs(cfg, height, width) else 0.0  # p 0 draws nothing (CIFAR)
-        x = random_blur(x, generator, blur_p, cfg.blur_sigma_min, cfg.blur_sigma_max,
-                        blur_kernel_size(min(height, width)))
+        x = self.blur(x, generator, cfg.blur_p if blurs(cfg, height, width) else 0.0)  # p 0 draws nothing (CIFAR)
         return self.standardize(x)  # x is this call's own tensor (each step above made a new one)
+
+    def blur(self, x, generator, p):
+        """The Gaussian blur of float (B, 3, H, W) in [0, 1], each sample with probability p (`random_blur`):
+        sigma in [blur_sigma_min, blur_sigma_max), a kernel of about 10% of the image side."""
+        cfg = self.cfg
+        return random_blur(x, generator, p, cfg.blur_sigma_min, cfg.blur_sigma_max,
+                           blur_kernel_size(min(x.shape[-2:])))
 
     def _jitter(self, x, generator):
         """Colour jitter with probability jitter_p: per-sample factors, per-sample order."""

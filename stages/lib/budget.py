@@ -47,8 +47,8 @@ def _pretrain(rates, s):
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
     knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
     knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    # run_epochs saves at an epoch's end once checkpoint_seconds have passed since the last save (0: every
-    # epoch), never after the last epoch: every ceil(checkpoint_seconds / epoch_s)-th of the first epochs - 1
+    # run_epochs saves at an epoch's end once checkpoint_seconds have passed since the last save, never after the
+    # last epoch: after every k-th epoch, k = ceil(checkpoint_seconds / epoch_s) (1 when 0), so (epochs - 1) // k
     checkpoints = (p.epochs - 1) // max(1, math.ceil(p.checkpoint_seconds / epoch_s))
     seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
                + checkpoints * rates.checkpoint_s)

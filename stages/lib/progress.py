@@ -2,7 +2,8 @@
 
 On a terminal the bar redraws in place (at most every half second) and is erased when done;
 the summary line that replaces it is what logs, CI and DVC's output keep, so they stay short:
-`pretrain epoch 3/160: loss 5.012, ETA 4:10, 49,920 img in 0:01 (38,400 img/s)`.
+`pretrain epoch 3/160: loss 5.012, ETA 3:24, 49,664 img in 0:01 (38,203 img/s)`
+(97 steps of 512 images in 1.3 s; 157 epochs left at 1.3 s each).
 """
 import sys
 import time

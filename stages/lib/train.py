@@ -159,8 +159,8 @@ class Task(ABC):
     an epoch's batch order (`batch_order`), what else starts an epoch (`start_epoch`), one training step on
     this rank's batch (`train_step`) and the epoch's end (`finish_epoch`). `step` and `end_epoch` do the
     bookkeeping they share: the epoch's order and clock, started lazily by the epoch's first step here (so a
-    direct `task.step(0, i)`, as in stages/bench.py, works too), the learning rate of each step, the rank's
-    share of its batch, and the training seconds (`train_seconds`).
+    direct `task.step(0, i)`, as in stages/bench.py, works too) or by `restore` for a resume inside an epoch, the
+    learning rate of each step, the rank's share of its batch, and the training seconds (`train_seconds`).
     """
 
     kept = ("history", "train_seconds")
@@ -185,7 +185,6 @@ class Task(ABC):
         self.generator = rank_generator(seed, device)  # each rank draws its own augmentations
         self.history, self.train_seconds = [], 0.0
         self.order, self.order_epoch, self.epoch_start = None, None, 0.0  # order_epoch: the epoch begun
-        self.resumed_seconds = 0.0  # seconds the restored epoch had run before its checkpoint
 
     @abstractmethod
     def batch_order(self, epoch: int) -> torch.Tensor:
@@ -213,10 +212,7 @@ class Task(ABC):
         return self.train_step(epoch, rank_batch(self.order, step, self.images_per_step, self.local))
 
     def end_epoch(self, epoch, mean_loss):
-        """After the epoch's last step: adds its training seconds and returns `finish_epoch`'s fields. A resume
-        from a stop on the epoch's last step lands here with no step run, and starts the epoch first."""
-        if self.order_epoch != epoch:
-            self._begin_epoch(epoch, fresh=False)
+        """After the epoch's last step: adds its training seconds and returns `finish_epoch`'s fields."""
         seconds = seconds_since(self.epoch_start, self.device)
         self.train_seconds += seconds
         return self.finish_epoch(epoch, mean_loss, seconds)
@@ -224,18 +220,19 @@ class Task(ABC):
     def _begin_epoch(self, epoch, fresh):
         self.order, self.order_epoch = self.batch_order(epoch), epoch
         self.start_epoch(epoch, fresh)
-        # A resumed epoch's clock includes the seconds it ran before its checkpoint (only a restore at a
-        # step > 0 sets them, and its epoch then begins with fresh False).
-        self.epoch_start = time.perf_counter() - self.resumed_seconds
-        self.resumed_seconds = 0.0
+        self.epoch_start = time.perf_counter()
 
     def restore(self, state):
+        """Load a checkpoint's `state`; returns its (epoch, step, loss_sum). A resume inside an epoch (step > 0,
+        up to a stop on its last step) begins that epoch here, not fresh, its clock counting the seconds it ran."""
         for key in self.kept:
             setattr(self, key, state[key])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generators"][distributed.rank()])
-        self.resumed_seconds = state["epoch_seconds"]
+        if state["step"]:
+            self._begin_epoch(state["epoch"], fresh=False)
+            self.epoch_start -= state["epoch_seconds"]
         return state["epoch"], state["step"], state["loss_sum"]
 
     def state(self, epoch, step, loss_sum):
