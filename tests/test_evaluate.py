@@ -52,13 +52,13 @@ def fabricate_data(root, source):
     save_data(root / "data", synthetic_images(6, seed=1), synthetic_images(2, seed=2), source=source, sha256="ab" * 32)
 
 
-def facts(source, url=None, sha256=None, limit=None, unlabeled=0):
+def facts(source, url=None, sha256=None, limit=None, unlabeled=0, test_split="official"):
     """The data facts of a small synthetic data set from `source` (`limit`: its data.limit; `unlabeled`:
-    how many unlabeled images it has, at most 10)."""
+    how many unlabeled images it has, at most 10; `test_split`: how its test set was made)."""
     arrays = {"train": synthetic_images(2, seed=1), "test": synthetic_images(1, seed=2)}
     if unlabeled:
         arrays["unlabeled"] = synthetic_images(1, seed=3)[0][:unlabeled]
-    return prepared.data_facts(arrays, CLASSES, source=source, url=url, sha256=sha256, test_split="official",
+    return prepared.data_facts(arrays, CLASSES, source=source, url=url, sha256=sha256, test_split=test_split,
                                limit=limit)
 
 
@@ -258,6 +258,20 @@ def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path, unl
     assert "Seed project" in whole and "data.limit" not in whole
     assert "Seed project" not in subset
     assert "- Subset: `data.limit` = 5000 (at most that many labeled training images, " + stratified in subset
+
+
+def test_a_held_out_test_set_hides_the_seed_project_table(tmp_path):
+    """The seed project's numbers are on CIFAR-10's own test set, not on one held out of its training
+    images (a local copy without a test/ folder)."""
+    cells = _cells(tmp_path, ("baseline", "ssl"), seeds=(0,))
+    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
+    summary, _ = study.summarise(cells, list(CLASSES))
+    comparison = study.compare(cells, settings, 0)
+    held_out = "held out 20% of the labelled images (stratified, seed 0)"
+    own, held = (report.build(summary, comparison, facts("data/cifar10-jpeg", test_split=split), {"ssl": ["cpu"]},
+                              settings) for split in ("test/ folder", held_out))
+    assert "Seed project" in own
+    assert "Seed project" not in held
 
 
 def test_many_classes_keep_the_sample_grid_readable(tmp_path):

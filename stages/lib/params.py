@@ -239,7 +239,7 @@ def load(path, *names: str) -> Params:
     for name in names:
         section, dot, key = name.partition(".")
         if dot:
-            singles.setdefault(section, {})[key] = None  # {section: its singly named keys, in order}
+            singles.setdefault(section, []).append(key)  # {section: its singly named keys, in order}
         if section in chosen:
             continue
         if section not in raw:
@@ -263,11 +263,9 @@ def load(path, *names: str) -> Params:
 
 def _check_name(name):
     """A name a stage loads: a section of Params ("model") or one key of a section ("finetune.seeds")."""
-    known = [*SECTIONS, *(f"{s}.{key}" for s in SECTIONS if _section_type(Params, s) for key in
-                          _section_type(Params, s).model_fields)]
-    if name not in known:
+    if name not in NAMES:
         raise UserError(f"params.load: {name} is no section of params.yaml nor a key of one"
-                        f"{_did_you_mean(name, known, '')}")
+                        f"{_did_you_mean(name, NAMES, '')}")
 
 
 def _did_you_mean(key, known, prefix):
@@ -282,6 +280,10 @@ def _section_type(model, name):
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate
     return None
+
+
+NAMES = (*SECTIONS, *(f"{section}.{key}" for section in SECTIONS if _section_type(Params, section)
+                      for key in _section_type(Params, section).model_fields))  # what params.load takes
 
 
 def _expected(model, name):
