@@ -163,20 +163,37 @@ def test_the_split_folders_are_the_outermost_train_and_test_that_hold_class_fold
             image = encode(Image.new("L", (24, 24), level), "PNG")
             write(tmp_path / "local", layout.format(split=split, name=name, level=level), image)
     write(tmp_path / "local", layout.partition("{split}")[0] + "README.txt", b"ants and bees\n")  # ignored
+    write(tmp_path / "local", "NOTES.txt", b"above a wrapping folder\n")  # ignored too
     found = sources.read_source(str(tmp_path / "local"), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
     assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]
     assert found.test[0][:, 0, 0, 0].tolist() == [200, 220] and found.test[1].tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("inner", ["cat/train/a/0.png", "cat/test/old/0.png"], ids=["train", "test"])
-def test_a_split_folder_inside_a_flat_class_folder_is_refused(tmp_path, inner):
-    """<class>/* with a train/ or test/ folder inside one class: not a split tree that drops the classes."""
+@pytest.mark.parametrize("inner, culprit", [
+    ("cat/train/a/0.png", "dog/0.png lies outside cat/train/ and cat/test/"),
+    ("cat/test/old/0.png", "dog/0.png lies outside cat/train/ and cat/test/"),
+    ("cat/train/0.png", "cat/train/0.png lies in a train/ folder inside class folder cat/"),
+    ("cat/test/0.png", "cat/test/0.png lies in a test/ folder inside class folder cat/"),
+], ids=["train", "test", "train-files", "test-files"])
+def test_a_split_folder_inside_a_flat_class_folder_is_refused(tmp_path, inner, culprit):
+    """<class>/* with a train/ or test/ folder inside one class: not a split tree that drops the classes, nor
+    the class's own test images to mix into training."""
     for rel in ("dog/0.png", "dog/1.png", "cat/0.png", "cat/1.png", inner, inner.replace("0.png", "1.png")):
         write(tmp_path / "src", rel, encode(Image.new("RGB", (8, 8)), "PNG"))
     with pytest.raises(UserError) as error:
         sources.read_source(str(tmp_path / "src"), 8, 0.5, 0, tmp_path / "dl")
-    assert "\n" not in str(error.value) and "dog/0.png lies outside cat/train/ and cat/test/" in str(error.value)
+    assert "\n" not in str(error.value) and culprit in str(error.value), str(error.value)
+
+
+def test_a_folder_of_files_beside_train_and_test_is_refused(tmp_path):
+    for rel in ("copy/train/ant/0.png", "copy/train/bee/0.png", "copy/test/ant/0.png", "copy/test/bee/0.png",
+                "copy/val/a/0.png"):
+        write(tmp_path / "src", rel, encode(Image.new("RGB", (8, 8)), "PNG"))
+    with pytest.raises(UserError) as error:
+        sources.read_source(str(tmp_path / "src"), 8, 0.5, 0, tmp_path / "dl")
+    assert "\n" not in str(error.value) and "copy/val/a/0.png lies outside copy/train/ and copy/test/" in str(
+        error.value) and "move or remove it" in str(error.value), str(error.value)
 
 
 def test_hold_out_too_small_a_class_is_named(tmp_path):

@@ -274,9 +274,10 @@ def _ignored(rel):
 
 
 def _collect(files, source):
-    """Find the class folders: ({split: base folder}, {split: {class: [(name, read)]}}, {split: empty
-    class folders}); "test" only if the copy has a test/ folder. Loose files beside or above the class folders
-    (or beside train/ and test/) are ignored; files in any other folder outside train/ and test/ are refused."""
+    """Find the class folders: ({split: base folder}, {split: {class: [(name, read)]}}, {split: empty class
+    folders}); "test" only if the copy has a test/ folder. Loose files are ignored at the top of the source
+    (<class>/*; one deeper moves the common folder up to its own) or beside train/ and test/ or above them;
+    files in other folders outside train/ and test/, or in a train/ or test/ inside a class, are refused."""
     images, folders = [], set()
     for rel, read in files:
         if _ignored(rel):
@@ -311,19 +312,34 @@ def _bases(images, folders, source):
         raise UserError(f"{source}: no images found (expected train/<class>/* with optional test/<class>/*, "
                         "or <class>/* folders)")
     if not roots:  # <class>/*, below the folder that holds every image in a folder (not files at the top)
-        return {"train": tuple(os.path.commonprefix([parts[:-1] for parts, _ in images if len(parts) > 1]))}
+        base = tuple(os.path.commonprefix([parts[:-1] for parts, _ in images if len(parts) > 1]))
+        for parts, _ in images:  # e.g. cat/test/*.png (files right in it give no split root): cat's own test set
+            split = next((name for name in parts[len(base) + 1:-1] if name in SPLITS), None)
+            if split:
+                raise UserError(f"{source}: {'/'.join(parts)} lies in a {split}/ folder inside class folder "
+                                f"{'/'.join(parts[:len(base) + 1])}/; {_layout_advice(_top(base))}")
+        return {"train": base}
     (root,) = roots  # train/<class>/* and maybe test/<class>/*, below root
     stray = next((parts for parts, _ in images if _outside(parts, root)), None)
     if stray:
-        top = "/".join(root) + "/" if root else ""
-        raise UserError(f"{source}: {'/'.join(stray)} lies outside {top}train/ and {top}test/; keep every class "
-                        f"folder in them ({top}train/<class>/*), or use <class>/* folders with no train/ or test/ "
-                        "folder inside a class")
-    present = {parts[len(root)] for parts, _ in images if parts[:len(root)] == root and len(parts) > len(root) + 1}
+        top = _top(root)
+        raise UserError(f"{source}: {'/'.join(stray)} lies outside {top}train/ and {top}test/; {_layout_advice(top)}")
+    present = {parts[len(root)] for parts, _ in images if len(parts) > len(root) + 1}  # all below root, as not stray
     bases = {split: root + (split,) for split in SPLITS if split in present or root + (split,) in folders}
     if "train" not in bases:
         raise UserError(f"{source}: no train/<class>/ images found beside {'/'.join(root + ('test',))}/")
     return bases
+
+
+def _top(folder):
+    """A folder's parts as the prefix of a path: "" for the source itself, else "a/b/"."""
+    return "".join(f"{part}/" for part in folder)
+
+
+def _layout_advice(top):
+    """How to mend a file outside the layout, for train/ and test/ in `top` (a `_top` prefix)."""
+    return (f"keep every class folder in train/ and test/ ({top}train/<class>/*), or use <class>/* folders "
+            "with no train/ or test/ folder inside a class; move or remove it")
 
 
 def _outside(parts, root):
