@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from stages.lib import budget, params, prepared, sources, train
-from stages.lib.augment import (JITTER_OPS, SimCLRAugment, Standardize, affine_crop_flip, blurs, color_jitter,
-                                jitter_op, jitter_order)
+from stages.lib.augment import (JITTER_NEUTRAL, JITTER_OPS, SimCLRAugment, Standardize, affine_crop_flip, blurs,
+                                color_jitter, jitter_op, jitter_order)
 from stages.lib.cli import UserError, log, run_stage
 from stages.lib.io import write_json
 from stages.lib.models import ResNet, stem_for
@@ -65,10 +65,10 @@ def augmentation_ops(task):
     images, generator, device = task.images[:task.images_per_step], task.generator, task.device
     x = images / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
     batch, cfg = len(x), task.cfg.augment
-    factor = torch.full((batch,), 1.2, device=device)
     box = torch.tensor([[2.0, 3.0, 20.0, 24.0]], device=device).expand(batch, 4)
     flip = torch.rand(batch, device=device) < 0.5
-    factors = {name: factor - 1.0 if name == "hue" else factor for name in JITTER_OPS}  # hue: 0.2 of a turn
+    # Each operation 0.2 off neutral: x 1.2, hue 0.2 of a turn; float32 (b,) each.
+    factors = {name: torch.full((batch,), JITTER_NEUTRAL[name] + 0.2, device=device) for name in JITTER_OPS}
     on = torch.ones(batch, dtype=torch.bool, device=device)
     ops = {  # the operations make one view of each image
         "whole pipeline": (lambda: task.method.views(images, generator),  # (V * b, 3, H, W)

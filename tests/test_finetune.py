@@ -99,22 +99,28 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
 
 
-@pytest.mark.parametrize("stop_at", [(0, 4), (1, 1)], ids=["on-an-epochs-last-step", "as-the-backbone-starts"])
-def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, stop_at):
+@pytest.mark.parametrize("interrupt, error, message", [
+    ({"stop_at": (0, 4)}, StageError, "stopped by SIGINT at epoch 1, step 5"),
+    ({"stop_at": (1, 1)}, StageError, "stopped by SIGINT at epoch 2, step 2"),
+    ({"crash_at": (1, 1)}, RuntimeError, "simulated kill -9"),
+], ids=["on-an-epochs-last-step", "as-the-backbone-starts", "crash-after-the-head-epochs"])
+def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, interrupt, error, message):
     """A stop on an epoch's last step checkpoints (epoch, steps_per_epoch): the resume runs only that epoch's
-    end. A stop inside the first epoch that trains the backbone keeps the momentum it had built by then."""
+    end. A stop inside the first epoch that trains the backbone keeps the momentum it had built by then. A crash
+    in that epoch resumes from the checkpoint at its start (step 0): the backbone starts training afresh, without
+    the momentum the head-only epochs left in the checkpoint (checkpoint_seconds 0: one after every epoch)."""
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 1})
     backbone = ResNet("resnet18", 4, "cifar")
 
-    def cell(name, stop=None):
-        task = interrupt_steps(make_task("ssl", copy_of(backbone), p), stop_at=stop)
-        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / name, {}), 100_000, "ssl")
+    def cell(name, **interrupt):
+        task = interrupt_steps(make_task("ssl", copy_of(backbone), p), **interrupt)
+        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / name, {}), 0, "ssl")
         return task
 
     reference = cell("a.pt")
     assert reference.steps_per_epoch == 5
-    with pytest.raises(StageError, match=f"stopped by SIGINT at epoch {stop_at[0] + 1}, step {stop_at[1] + 1}"):
-        cell("b.pt", stop=stop_at)
+    with pytest.raises(error, match=message):
+        cell("b.pt", **interrupt)
     resumed = cell("b.pt")
     assert len(resumed.history) == 3
     for key, value in reference.model.state_dict().items():
@@ -199,7 +205,8 @@ def test_a_finished_cell_of_other_data_is_not_reused(tmp_path, monkeypatch, caps
         data = save_data(tmp_path / f"data{run}", synthetic_images(4, seed=pixels_seed), synthetic_images(1, seed=9))
         with pytest.raises(SystemExit):
             finetune_stage.main(["--params", str(params), "--mode", "baseline", "--init", str(tmp_path / "baseline.pt"),
-                        "--data", str(data), "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out"),
-                        "--curves", str(tmp_path / "curves"), "--work", str(tmp_path / "work")])
+                                 "--data", str(data), "--splits", str(tmp_path / "splits"),
+                                 "--out", str(tmp_path / "out"), "--curves", str(tmp_path / "curves"),
+                                 "--work", str(tmp_path / "work")])
     assert capsys.readouterr().err.count("stopped before publishing") == 3  # each run got there
     assert trained == ["data0", "data2"]

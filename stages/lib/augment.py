@@ -68,6 +68,8 @@ def affine_crop_flip(x, box, flip, mode="bilinear", padding_mode="reflection"):
 
 # The colour-jitter operations, in the order `jitter_order` numbers them (0..3).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# Each operation's factor that leaves an image unchanged (hue's is a shift in turns).
+JITTER_NEUTRAL = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 # Tries of the random resized crop before its fallback (torchvision's RandomResizedCrop: 10).
 CROP_TRIES = 10
 
@@ -129,7 +131,7 @@ def jitter_op(name, x, factor):
 def color_jitter(x, factors, order, on):
     """Apply the four operations to each sample in its own order, batched.
 
-    x float (B, 3, H, W) in [0, 1]; factors {name: (B,)} (neutral: 1, hue 0); order (B, 4) from
+    x float (B, 3, H, W) in [0, 1]; factors {name: (B,)} (neutral: JITTER_NEUTRAL); order (B, 4) from
     `jitter_order`; on bool (B,) (samples left unchanged where False). Round r applies, to every
     sample, the operation order[:, r] names: each operation runs on the whole batch and is kept
     only where it is that sample's r-th (4 x 4 batched calls, no per-sample work, no host sync).
@@ -218,7 +220,7 @@ class SimCLRAugment:
         on = _chance(generator, batch, self.cfg.jitter_p, device)
         factors = {}
         for name, spread in self.spread.items():
-            neutral = 0.0 if name == "hue" else 1.0
+            neutral = JITTER_NEUTRAL[name]
             factors[name] = _uniform(generator, batch, neutral - spread, neutral + spread, device)
         return color_jitter(x, factors, jitter_order(generator, batch, device), on)
 

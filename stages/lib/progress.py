@@ -50,8 +50,11 @@ class Progress:
                 log(self.summary(fields))
 
     def summary(self, fields):
+        """The bar's log line; the rate only when this process counted items (not a resume at the total)."""
         seconds = time.perf_counter() - self.start
-        rate = (self.done - self.initial) / seconds if seconds > 0 else 0.0
-        parts = [_field(k, v) for k, v in fields.items()]
-        parts.append(f"{self.done:,} {self.unit} in {format_seconds(seconds)} ({rate:,.0f} {self.unit}/s)")
+        counted = f"{self.done:,} {self.unit} in {format_seconds(seconds)}"
+        if self.done > self.initial:
+            rate = (self.done - self.initial) / seconds if seconds > 0 else 0.0
+            counted += f" ({rate:,.0f} {self.unit}/s)"
+        parts = [_field(k, v) for k, v in fields.items()] + [counted]
         return f"{self.label}: {', '.join(parts)}"
