@@ -10,8 +10,8 @@ Headline files hold a few numbers each, so that `dvc metrics show` prints one sh
   study.json  {knn_accuracy, seconds}: SimCLR's final kNN accuracy, and the training seconds of the
               study (SimCLR and every fine-tuning cell)
 Plot files hold percentages and percentage points (columns *_percent, *_points), never an empty cell:
-val_accuracy.csv and test_accuracy.csv one row per seed (the plots show the seeds' spread), ssl_gain.csv
-one row per N with its interval, Holm-corrected p and number of seeds.
+test_accuracy.csv one row per cell (mode, N, seed; the plots show the seeds' spread), val_accuracy.csv one
+per cell and epoch, ssl_gain.csv one row per N with its interval, Holm-corrected p and number of seeds.
 """
 import math
 

@@ -239,7 +239,7 @@ def load(path, *names: str) -> Params:
     for name in names:
         section, dot, key = name.partition(".")
         if dot:
-            singles.setdefault(section, []).append(key)  # {section: its singly named keys, in order}
+            singles.setdefault(section, []).append(key)  # {section: its singly named keys}
         if section in chosen:
             continue
         if section not in raw:
@@ -282,8 +282,8 @@ def _section_type(model, name):
     return None
 
 
-NAMES = (*SECTIONS, *(f"{section}.{key}" for section in SECTIONS if _section_type(Params, section)
-                      for key in _section_type(Params, section).model_fields))  # what params.load takes
+NAMES = (*SECTIONS, *(f"{section}.{key}" for section in SECTIONS  # what params.load takes
+                      for key in getattr(_section_type(Params, section), "model_fields", ())))
 
 
 def _expected(model, name):
