@@ -192,8 +192,9 @@ def test_a_folder_of_files_beside_train_and_test_is_refused(tmp_path):
         write(tmp_path / "src", rel, encode(Image.new("RGB", (8, 8)), "PNG"))
     with pytest.raises(UserError) as error:
         sources.read_source(str(tmp_path / "src"), 8, 0.5, 0, tmp_path / "dl")
-    assert "\n" not in str(error.value) and "copy/val/a/0.png lies outside copy/train/ and copy/test/" in str(
-        error.value) and "move or remove it" in str(error.value), str(error.value)
+    message = str(error.value)
+    assert ("\n" not in message and "copy/val/a/0.png lies outside copy/train/ and copy/test/" in message
+            and "move or remove it" in message), message
 
 
 def test_hold_out_too_small_a_class_is_named(tmp_path):

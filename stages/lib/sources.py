@@ -275,9 +275,10 @@ def _ignored(rel):
 
 def _collect(files, source):
     """Find the class folders: ({split: base folder}, {split: {class: [(name, read)]}}, {split: empty class
-    folders}); "test" only if the copy has a test/ folder. Loose files are ignored at the top of the source
-    (<class>/*; one deeper moves the common folder up to its own) or beside train/ and test/ or above them;
-    files in other folders outside train/ and test/, or in a train/ or test/ inside a class, are refused."""
+    folders}); "test" only if the copy has a test/ folder. Loose files are ignored above or beside train/ and
+    test/, right inside them, and at the top of a <class>/* copy, whose class folders lie in the deepest folder
+    holding every other file (other/README.md beside wrap/{cat,dog}/ makes wrap/ and other/ classes). Files in
+    other folders outside train/ and test/, or in a train/ or test/ inside a <class>/* class folder, are refused."""
     images, folders = [], set()
     for rel, read in files:
         if _ignored(rel):
@@ -317,7 +318,7 @@ def _bases(images, folders, source):
             split = next((name for name in parts[len(base) + 1:-1] if name in SPLITS), None)
             if split:
                 raise UserError(f"{source}: {'/'.join(parts)} lies in a {split}/ folder inside class folder "
-                                f"{'/'.join(parts[:len(base) + 1])}/; {_layout_advice(_top(base))}")
+                                f"{_top(parts[:len(base) + 1])}; {_layout_advice(_top(base))}")
         return {"train": base}
     (root,) = roots  # train/<class>/* and maybe test/<class>/*, below root
     stray = next((parts for parts, _ in images if _outside(parts, root)), None)
@@ -327,7 +328,7 @@ def _bases(images, folders, source):
     present = {parts[len(root)] for parts, _ in images if len(parts) > len(root) + 1}  # all below root, as not stray
     bases = {split: root + (split,) for split in SPLITS if split in present or root + (split,) in folders}
     if "train" not in bases:
-        raise UserError(f"{source}: no train/<class>/ images found beside {'/'.join(root + ('test',))}/")
+        raise UserError(f"{source}: no train/<class>/ images found beside {_top(root)}test/")
     return bases
 
 
@@ -360,7 +361,7 @@ def _class_files(images, base, source):
 
 def _check_classes(source, bases, tree, empty):
     """The sorted class names of the training images, which test/ (if any) must match."""
-    train, where = tree["train"], "/".join(bases["train"]) + "/" if bases["train"] else "the top folder"
+    train, where = tree["train"], _top(bases["train"]) or "the top folder"
     if empty["train"]:
         raise UserError(f"{source}: class folders without images in {where}: {', '.join(empty['train'])}")
     if len(train) < 2:
