@@ -127,14 +127,14 @@ def run_module(module, *args, cwd=REPO, env=None, timeout=600):
 def interrupt_steps(task, stop_at=None, crash_at=None):
     """Wrap `task.step`: at (epoch, step) `stop_at` send this process SIGINT, as Ctrl-C does (that step still
     runs); at `crash_at` raise RuntimeError instead of the step, as a kill -9 would end it. Returns task."""
-    step = task.step
+    run_step = task.step
 
-    def interrupted_step(epoch, index):
-        if (epoch, index) == stop_at:
+    def interrupted_step(epoch, step):
+        if (epoch, step) == stop_at:
             os.kill(os.getpid(), signal.SIGINT)
-        if (epoch, index) == crash_at:
+        if (epoch, step) == crash_at:
             raise RuntimeError("simulated kill -9")
-        return step(epoch, index)
+        return run_step(epoch, step)
 
     task.step = interrupted_step
     return task

@@ -203,16 +203,21 @@ def _cells(tmp_path, modes, seeds):
     return study.load_cells(tmp_path / "finetune", tmp_path / "curves", 10, 1.0)
 
 
-def test_several_seeds_give_mean_and_std(tmp_path):
-    cells = _cells(tmp_path, ("baseline", "ssl", "linear"), seeds=(0, 1))
+def _study(tmp_path, modes, seeds, confidence):
+    """(cells, summary, comparison, settings) of _cells(tmp_path, modes, seeds), compared at `confidence`."""
+    cells = _cells(tmp_path, modes, seeds)
+    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=confidence)
     summary, _ = study.summarise(cells, list(CLASSES))
+    return cells, summary, study.compare(cells, settings, 0), settings
+
+
+def test_several_seeds_give_mean_and_std(tmp_path):
+    cells, summary, comparison, settings = _study(tmp_path, ("baseline", "ssl", "linear"), (0, 1), confidence=0.9)
     entry = summary["ssl"]["n10"]
     seeds = [c["metrics"]["accuracy"] for c in cells if c["mode"] == "ssl" and c["key"] == "n10"]
     assert entry["seeds"] == 2 and entry["accuracy"] == pytest.approx(np.mean(seeds), abs=1e-4)
     assert entry["accuracy_std"] == pytest.approx(np.std(seeds, ddof=1), abs=1e-4)
     assert {"f1_std", "convergence_epoch_std", "seconds_std"} <= set(entry)
-    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.9)
-    comparison = study.compare(cells, settings, 0)
     assert comparison["n10"]["test_images"] == N_TEST and comparison["n10"]["seeds"] == 2
     assert set(comparison["n10"]["mcnemar_p_per_seed"]) == {"0", "1"}
     assert comparison["n10"]["images_test"] == "one-sample t-test of d_i over test images"
@@ -228,11 +233,8 @@ def test_several_seeds_give_mean_and_std(tmp_path):
 
 
 def test_baseline_only_has_no_comparison(tmp_path):
-    cells = _cells(tmp_path, ("baseline",), seeds=(0,))
-    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
-    comparison = study.compare(cells, settings, 0)
+    cells, summary, comparison, settings = _study(tmp_path, ("baseline",), (0,), confidence=0.95)
     assert set(comparison) == {"note"}
-    summary, _ = study.summarise(cells, list(CLASSES))
     text = report.build(summary, comparison, facts("/data/my-flowers.zip"), {"baseline": ["cpu"]}, settings)
     assert "on my-flowers" in text and "Seed project" not in text  # not CIFAR-10: no seed-project table
     assert "## Improvement analysis" in text and comparison["note"] in text
@@ -248,10 +250,7 @@ def test_baseline_only_has_no_comparison(tmp_path):
 def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path, unlabeled, stratified):
     """The seed project's numbers are for the whole of CIFAR-10, not a data.limit subset of it; the
     Subset line speaks of unlabeled images only where there are some."""
-    cells = _cells(tmp_path, ("baseline", "ssl"), seeds=(0,))
-    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
-    summary, _ = study.summarise(cells, list(CLASSES))
-    comparison = study.compare(cells, settings, 0)
+    _, summary, comparison, settings = _study(tmp_path, ("baseline", "ssl"), (0,), confidence=0.95)
     whole, subset = (report.build(summary, comparison, facts("cifar10", url="https://example.org/c10", limit=limit,
                                                              unlabeled=unlabeled),
                                   {"ssl": ["cpu"]}, settings) for limit in (None, 5000))
@@ -263,10 +262,7 @@ def test_a_data_limit_is_reported_and_hides_the_seed_project_table(tmp_path, unl
 def test_a_held_out_test_set_hides_the_seed_project_table(tmp_path):
     """The seed project's numbers are on CIFAR-10's own test set, not on one held out of its training
     images (a local copy without a test/ folder)."""
-    cells = _cells(tmp_path, ("baseline", "ssl"), seeds=(0,))
-    settings = EvaluateParams(convergence_tolerance=1.0, bootstrap_samples=200, confidence=0.95)
-    summary, _ = study.summarise(cells, list(CLASSES))
-    comparison = study.compare(cells, settings, 0)
+    _, summary, comparison, settings = _study(tmp_path, ("baseline", "ssl"), (0,), confidence=0.95)
     held_out = "held out 20% of the labelled images (stratified, seed 0)"
     own, held = (report.build(summary, comparison, facts("data/cifar10-jpeg", test_split=split), {"ssl": ["cpu"]},
                               settings) for split in ("test/ folder", held_out))

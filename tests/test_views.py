@@ -18,6 +18,13 @@ def test_progress_off_a_terminal_logs_one_line_per_bar(capsys):
     assert lines[0].endswith(" img/s)")
 
 
+def test_progress_resumed_at_its_total_logs_no_rate(capsys):
+    """A resume on an epoch's last step counts no images here: no "0 img/s" in its line."""
+    Progress("ssl n10_s0 epoch 2/5", 1000, "img", initial=1000).update(1000, loss=1.23456)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["ssl n10_s0 epoch 2/5: loss 1.235, 1,000 img in 0:00"], lines
+
+
 def test_experiment_is_tagged_as_model_training_even_when_made_before(isolated_mlflow):
     from mlflow.tracking import MlflowClient
 

@@ -34,14 +34,14 @@ class KNNMonitor:
     (device tensors: train_x uint8 (N, 3, H, W), train_y (N,), val_x, val_y), method-agnostic."""
 
     def __init__(self, train_x, train_y, val_x, val_y, num_classes, standardize, k, temperature):
-        self.train, self.val, self.num_classes = (train_x, train_y), (val_x, val_y), num_classes
+        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+        self.num_classes = num_classes
         self.standardize, self.k, self.temperature = standardize, k, temperature
 
     def __call__(self, backbone):
         """Fraction of validation images whose kNN label (from the training images) is right."""
-        (train_images, train_labels), (val_images, val_labels) = self.train, self.val
-        train_features = embed(backbone, train_images, self.standardize)  # (N, D)
-        val_features = embed(backbone, val_images, self.standardize)  # (V, D)
-        predicted = knn_predict(train_features, train_labels, val_features, self.k, self.temperature,
+        train_features = embed(backbone, self.train_x, self.standardize)  # (N, D)
+        val_features = embed(backbone, self.val_x, self.standardize)  # (V, D)
+        predicted = knn_predict(train_features, self.train_y, val_features, self.k, self.temperature,
                                 self.num_classes)
-        return (predicted == val_labels).float().mean().item()
+        return (predicted == self.val_y).float().mean().item()
