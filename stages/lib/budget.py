@@ -26,8 +26,8 @@ class Rates:
 class Study:
     """What a study processes: image counts from the data, settings from params.yaml. The data stage
     reads train + test + unlabeled images: it decodes a local copy's files, while a named data set
-    (cifar10, ...) arrives as arrays, resized only where image_size differs, so its data row is an
-    upper bound."""
+    (cifar10, ...) arrives as arrays, resized only where image_size differs: its row times their
+    resizing as decoding, and leaves out the download and torchvision's checksums."""
 
     train_images: int  # labeled training images (after data.limit)
     unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
@@ -76,14 +76,15 @@ def study_budget(rates, s):
     """Rows {stage, images, seconds, note} for the whole study, and the total seconds.
 
     `images` counts what passes through the network in training (SimCLR: both views), or the
-    images the data stage reads, all timed at the decoding rate (an upper bound for a named data set).
+    images the data stage reads, all timed at the decoding rate (a named data set's download and
+    checksums not counted).
     The finetune row is one mode; the total counts every mode.
     """
     decode = s.train_images + s.test_images + s.unlabeled_images  # what the data stage reads
     finetune = _finetune(rates, s)
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
-         "note": "decode every image file (upper bound for named data sets: arrays, resized at most)"},
+         "note": "decode every image file (named data sets arrive as arrays: download and checksums not counted)"},
         {"stage": "split", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
         _pretrain(rates, s),
         {"stage": "init", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},

@@ -1,4 +1,4 @@
-"""MLflow tracking shared by every stage: one run per stage invocation (per cell for the fine-tuning stages).
+"""MLflow tracking shared by every stage: one run per stage invocation (per cell it trains, for the fine-tuning stages).
 
 Store: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db; a SQLite store keeps
 its artifacts beside it (<repo root>/mlartifacts by default). The repo root is $DVC_ROOT
