@@ -124,6 +124,21 @@ def run_module(module, *args, cwd=REPO, env=None, timeout=600):
     )
 
 
+def pretrain_argv(params, data, val, out, checkpoint, outs=("ssl.pt",)):
+    """The pretrain stage's arguments (strings), its outputs `outs`, metrics and curves in the folder `out`."""
+    args = ["--params", params, "--data", data, "--val", val, "--out", *(out / name for name in outs),
+            "--metrics", out / "pretrain.json", "--curve", out / "pretrain.csv",
+            "--knn-curve", out / "pretrain_knn.csv", "--checkpoint", checkpoint]
+    return [str(arg) for arg in args]
+
+
+def finetune_argv(params, mode, init, data, splits, root):
+    """The finetune stage's arguments (strings), its out/, curves/ and work/ in the folder `root`."""
+    args = ["--params", params, "--mode", mode, "--init", init, "--data", data, "--splits", splits,
+            "--out", root / "out", "--curves", root / "curves", "--work", root / "work"]
+    return [str(arg) for arg in args]
+
+
 def interrupt_steps(task, stop_at=None, crash_at=None):
     """Wrap `task.step`: at (epoch, step) `stop_at` send this process SIGINT, as Ctrl-C does (that step still
     runs); at `crash_at` raise RuntimeError instead of the step, as a kill -9 would end it. Returns task."""

@@ -19,7 +19,9 @@ import torch.multiprocessing as mp
 from stages.lib import distributed, splits, train
 from stages.lib import params as params_lib
 from stages.lib.simclr import SimCLR
-from tests.conftest import REPO, STANDARDIZE, save_data, synthetic_images, write_params
+from tests.conftest import (
+    REPO, STANDARDIZE, finetune_argv, pretrain_argv, save_data, synthetic_images, write_params,
+)
 
 BATCH, DIM = 8, 16
 
@@ -138,11 +140,8 @@ def tiny_pretraining(tmp_path, epochs):
 def torchrun_pretrain(tmp_path, out, **popen):
     """Start `torchrun --nproc_per_node 2 -m stages.pretrain` on the tiny data; returns the Popen."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.pretrain", "--params", str(tmp_path / "params.yaml"),
-               "--data", str(tmp_path / "prepared"), "--val", str(tmp_path / "splits/val.npy"),
-               "--out", str(out / "ssl.pt"), "--metrics", str(out / "pretrain.json"),
-               "--curve", str(out / "pretrain.csv"), "--knn-curve", str(out / "pretrain_knn.csv"),
-               "--checkpoint", str(tmp_path / "checkpoint.pt")]
+               "-m", "stages.pretrain", *pretrain_argv(tmp_path / "params.yaml", tmp_path / "prepared",
+                                                       tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -206,10 +205,8 @@ def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
 
     save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4, "cifar"), origin="random", params={})
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.finetune", "--params", str(params), "--mode", "baseline",
-               "--init", str(tmp_path / "baseline.pt"), "--data", str(tmp_path / "prepared"),
-               "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out"),
-               "--curves", str(tmp_path / "curves"), "--work", str(tmp_path / "work")]
+               "-m", "stages.finetune", *finetune_argv(params, "baseline", tmp_path / "baseline.pt",
+                                                       tmp_path / "prepared", tmp_path / "splits", tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,7 +15,9 @@ import torch
 
 from stages import init_weights
 from stages.lib import study
-from tests.conftest import REPO, make_archive, png_bytes, run_module, synthetic_images, write_params, write_tree
+from tests.conftest import (
+    REPO, finetune_argv, make_archive, png_bytes, pretrain_argv, run_module, synthetic_images, write_params, write_tree,
+)
 from tests.faults import (
     TINY, assert_failed, edited_params, last_line, leftovers, mkdir, renamer, setter,
 )
@@ -39,17 +41,14 @@ def data_args(root, case, edit=lambda raw: None, **params_edits):
 def pretrain_args(root, case, **params_edits):
     path = write_params(mkdir(root / case) / "params.yaml", **{**TINY, **params_edits})
     out = root / case
-    return ["--params", path, "--data", root / "data", "--val", root / "splits/val.npy",
-            "--out", out / "ssl.pt", out / "linear.pt", "--metrics", out / "pretrain.json",
-            "--curve", out / "pretrain.csv", "--knn-curve", out / "pretrain_knn.csv",
-            "--checkpoint", out / "checkpoint.pt"]
+    return pretrain_argv(path, root / "data", root / "splits/val.npy", out, out / "checkpoint.pt",
+                         outs=("ssl.pt", "linear.pt"))
 
 
 def finetune_args(root, case, init, mode="ssl", **params_edits):
     out = mkdir(root / case)
     params = write_params(out / "params.yaml", **{**TINY, **params_edits}) if params_edits else root / "params.yaml"
-    return ["--params", params, "--mode", mode, "--init", init, "--data", root / "data",
-            "--splits", root / "splits", "--out", out / "out", "--curves", out / "curves", "--work", out / "work"]
+    return finetune_argv(params, mode, init, root / "data", root / "splits", out)
 
 
 def evaluate_args(root, case, plots_dir_is_a_file=False, **params_edits):

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from stages import finetune as finetune_stage
-from stages.finetune import settings
 from stages.lib import params as params_lib
 from stages.lib import splits, train
 from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
-from tests.conftest import STANDARDIZE, interrupt_steps, save_data, synthetic_images, write_params
+from tests.conftest import STANDARDIZE, finetune_argv, interrupt_steps, save_data, synthetic_images, write_params
 
 CPU = torch.device("cpu")
 
@@ -77,9 +76,9 @@ def test_linear_mode_trains_only_the_head(tmp_path):
     assert not torch.equal(task.model.head.weight, head_before)  # while the head trains
     # Its result reports what ran: no backbone lr, every epoch head-only.
     assert {group["part"] for group in task.optimizer.param_groups} == {"head"}
-    reported = settings(p, "linear")
+    reported = finetune_stage.settings(p, "linear")
     assert (reported["backbone_lr"], reported["head_epochs"]) == (0.0, len(task.history))
-    assert settings(p, "ssl")["backbone_lr"] == p.lr * p.backbone_lr_scale
+    assert finetune_stage.settings(p, "ssl")["backbone_lr"] == p.lr * p.backbone_lr_scale
 
 
 def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
@@ -204,9 +203,7 @@ def test_a_finished_cell_of_other_data_is_not_reused(tmp_path, monkeypatch, caps
     for run, pixels_seed in enumerate((0, 0, 1)):
         data = save_data(tmp_path / f"data{run}", synthetic_images(4, seed=pixels_seed), synthetic_images(1, seed=9))
         with pytest.raises(SystemExit):
-            finetune_stage.main(["--params", str(params), "--mode", "baseline", "--init", str(tmp_path / "baseline.pt"),
-                                 "--data", str(data), "--splits", str(tmp_path / "splits"),
-                                 "--out", str(tmp_path / "out"), "--curves", str(tmp_path / "curves"),
-                                 "--work", str(tmp_path / "work")])
+            finetune_stage.main(finetune_argv(params, "baseline", tmp_path / "baseline.pt", data,
+                                              tmp_path / "splits", tmp_path))
     assert capsys.readouterr().err.count("stopped before publishing") == 3  # each run got there
     assert trained == ["data0", "data2"]

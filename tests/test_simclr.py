@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.lib import params as params_lib
 from stages.lib import splits, train
 from stages.lib.augment import SimCLRAugment, SupervisedAugment
 from stages.lib.cli import StageError, UserError
@@ -14,8 +15,9 @@ from stages.lib.models import ResNet
 from stages.lib.params import SupervisedAugmentParams
 from stages.lib.pretraining import Method, PretrainTask
 from stages.lib.simclr import SimCLR
-from tests.conftest import STANDARDIZE, interrupt_steps, save_data, synthetic_images, write_params
-from stages.lib import params as params_lib
+from tests.conftest import (
+    REPO, STANDARDIZE, interrupt_steps, pretrain_argv, save_data, synthetic_images, write_params,
+)
 
 
 def nt_xent_reference(z1, z2, temperature):
@@ -63,7 +65,7 @@ def test_nt_xent_prefers_matching_pairs():
 
 @pytest.fixture
 def simclr_augment():
-    return SimCLRAugment(params_lib.load("params.yaml", "pretrain").pretrain.augment, STANDARDIZE)
+    return SimCLRAugment(params_lib.load(REPO / "params.yaml", "pretrain").pretrain.augment, STANDARDIZE)
 
 
 def test_simclr_augment_shape_dtype_range(simclr_augment):
@@ -94,7 +96,7 @@ def test_supervised_augment_shifts_and_flips():
 
 
 def test_simclr_is_a_method_and_its_loss_is_nt_xent():
-    cfg = params_lib.load("params.yaml", "pretrain").pretrain
+    cfg = params_lib.load(REPO / "params.yaml", "pretrain").pretrain
     method = SimCLR(cfg, STANDARDIZE)
     assert isinstance(method, Method) and method.views_per_image == 2
     images = torch.from_numpy(synthetic_images(3)[0]).permute(0, 3, 1, 2).contiguous()  # (30, 3, 32, 32)
@@ -200,10 +202,7 @@ def test_a_pretrain_checkpoint_of_other_data_is_refused(tmp_path, monkeypatch):
     for run, pixels_seed in enumerate((0, 0, 1)):
         data = save_data(tmp_path / f"data{run}", synthetic_images(16, seed=pixels_seed), synthetic_images(1, seed=9))
         with pytest.raises(SystemExit):
-            stage.main(["--params", str(params), "--data", str(data), "--val", str(tmp_path / "splits/val.npy"),
-                        "--out", str(out / "ssl.pt"), "--metrics", str(out / "pretrain.json"),
-                        "--curve", str(out / "pretrain.csv"), "--knn-curve", str(out / "pretrain_knn.csv"),
-                        "--checkpoint", str(tmp_path / "checkpoint.pt")])
+            stage.main(pretrain_argv(params, data, tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt"))
     made, same_data, other_data = checkpoints
     made.save({"epoch": 1, "step": 0})
     assert same_data.load()["epoch"] == 1

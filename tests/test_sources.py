@@ -164,6 +164,8 @@ def test_the_split_folders_are_the_outermost_train_and_test_that_hold_class_fold
             write(tmp_path / "local", layout.format(split=split, name=name, level=level), image)
     write(tmp_path / "local", layout.partition("{split}")[0] + "README.txt", b"ants and bees\n")  # ignored
     write(tmp_path / "local", "NOTES.txt", b"above a wrapping folder\n")  # ignored too
+    for split in ("train", "test"):  # and right inside train/ and test/
+        write(tmp_path / "local", layout.partition("{split}")[0] + f"{split}/NOTES.txt", b"loose\n")
     found = sources.read_source(str(tmp_path / "local"), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
     assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]
