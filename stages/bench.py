@@ -70,7 +70,7 @@ def augmentation_ops(task):
     # Each operation 0.2 off neutral: x 1.2, hue 0.2 of a turn; float32 (b,) each.
     factors = {name: torch.full((batch,), JITTER_NEUTRAL[name] + 0.2, device=device) for name in JITTER_OPS}
     on = torch.ones(batch, dtype=torch.bool, device=device)
-    ops = {  # the operations make one view of each image
+    ops = {  # {name: (call, views one call makes)}
         "whole pipeline": (lambda: task.method.views(images, generator),  # (V * b, 3, H, W)
                            task.method.views_per_image * batch),
         "crop+flip (one affine warp)": (lambda: affine_crop_flip(x, box, flip), batch),

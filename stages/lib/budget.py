@@ -25,9 +25,10 @@ class Rates:
 @dataclass(frozen=True)
 class Study:
     """What a study processes: image counts from the data, settings from params.yaml. The data stage
-    reads train + test + unlabeled images: it decodes a local copy's files, while a named data set
-    (cifar10, ...) arrives as arrays, resized only where image_size differs: its row times their
-    resizing as decoding, and leaves out the download and torchvision's checksums."""
+    reads train + test + unlabeled images, and its row times every one at the file-decoding rate, as
+    a local copy needs. A named data set (cifar10, ...) arrives as arrays, only resized where
+    image_size differs, so the row counts more work than it does, and leaves out its download and
+    torchvision's checksums."""
 
     train_images: int  # labeled training images (after data.limit)
     unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
@@ -84,7 +85,8 @@ def study_budget(rates, s):
     finetune = _finetune(rates, s)
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
-         "note": "decode every image file (named data sets arrive as arrays: download and checksums not counted)"},
+         "note": "every image at the file-decoding rate"
+                 " (a named data set arrives as arrays, undecoded; download not counted)"},
         {"stage": "split", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
         _pretrain(rates, s),
         {"stage": "init", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},

@@ -2,7 +2,7 @@
 
 data.source is one of DATASETS' names (cifar10, cifar100, stl10), or a path to a directory or a
 .tar/.tar.gz/.tgz/.zip archive laid out as
-  train/<class>/*  with optional  test/<class>/*   (possibly below one wrapping folder), or
+  train/<class>/*  with optional  test/<class>/*   (the outermost such pair, below any folders), or
   <class>/*                                          (no train/ test/: a test set is held out).
 A class is a folder name; labels follow the sorted names (as torchvision's ImageFolder), so a
 copy of CIFAR-10 gives its official labels (its class order is alphabetical). Without a test
