@@ -2,6 +2,7 @@
 any image mode and size, both folder layouts, the held-out test set, named data sets (faked)."""
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -147,6 +148,18 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
     assert np.bincount(found.train[1]).tolist() == [1, 1] and np.bincount(found.test[1]).tolist() == [1, 1]
 
 
+def test_an_archive_made_of_a_folder_with_tar_dot_reads_as_the_folder(tmp_path):
+    root = numbered_flat_folder(tmp_path / "flat")
+    with tarfile.open(tmp_path / "flat.tgz", "w:gz") as archive:
+        archive.add(root, arcname=".")  # as `tar -C flowers -czf flat.tgz .`: an entry ./ for the top itself
+    found = sources.read_source(str(tmp_path / "flat.tgz"), 24, 0.2, 7, tmp_path / "dl")
+    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
+    assert found.classes == expected.classes == ["daisy", "rose", "tulip"]
+    for split in ("train", "test"):
+        for got, want in zip(getattr(found, split), getattr(expected, split)):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("layout", [
     "{split}/{name}/images/{level}.png",  # tiny-imagenet style: images deeper in the class folders
     "train/{split}/{name}/{level}.png",  # a wrapping folder named like a split is not the split
@@ -156,16 +169,15 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
 ])
 def test_the_split_folders_are_the_outermost_train_and_test_that_hold_class_folders(tmp_path, layout):
     """train/<class>/ and test/<class>/, wrapped in any folder (one named train/ or test/ too) and with the
-    images at any depth below (in a folder named train/ or test/ too)."""
+    images at any depth below (in a folder named train/ or test/ too); loose files around them are ignored."""
     for split, levels in (("train", (10, 20, 30, 40)), ("test", (200, 220))):
         for index, level in enumerate(levels):
             name = ("ant", "bee")[index % 2]
             image = encode(Image.new("L", (24, 24), level), "PNG")
             write(tmp_path / "local", layout.format(split=split, name=name, level=level), image)
-    write(tmp_path / "local", layout.partition("{split}")[0] + "README.txt", b"ants and bees\n")  # ignored
-    write(tmp_path / "local", "NOTES.txt", b"above a wrapping folder\n")  # ignored too
-    for split in ("train", "test"):  # and right inside train/ and test/
-        write(tmp_path / "local", layout.partition("{split}")[0] + f"{split}/NOTES.txt", b"loose\n")
+    top = layout.partition("{split}")[0]  # the folder holding train/ and test/
+    for rel in (f"{top}README.txt", "NOTES.txt", f"{top}train/NOTES.txt", f"{top}test/NOTES.txt"):
+        write(tmp_path / "local", rel, b"not an image\n")  # beside, at the top, right inside train/ and test/
     found = sources.read_source(str(tmp_path / "local"), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["ant", "bee"] and found.test_split == "test/ folder"
     assert found.train[0][:, 0, 0, 0].tolist() == [10, 30, 20, 40] and found.train[1].tolist() == [0, 0, 1, 1]

@@ -269,8 +269,8 @@ def _zip_files(path):
                 yield PurePosixPath(info.filename), (lambda data=data: data)
 
 
-def _ignored(rel):
-    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+def _ignored(rel):  # hidden, macOS metadata, or an archive's entry for its top itself (tar -C copy -czf c.tgz .)
+    return not rel.parts or any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
 
 
 def _collect(files, source):
