@@ -58,9 +58,10 @@ def timed(fn, repeats, device, warmup=2):
 
 
 def augmentation_ops(task):
-    """The method's whole pipeline (`Method.views`) on one step's images of the task, and each of SimCLR's
-    kornia operations alone on them as float (b, 3, H, W): the Gaussian blur (with probability 1) only for
-    images that SimCLRAugment blurs (augment.blurs: `blur_from` px or more).
+    """The step's whole pipeline (`PretrainTask.make_views`: the method's views, laid out for the device) on
+    one step's images of the task, and each of SimCLR's kornia operations alone on them as float (b, 3, H, W):
+    the Gaussian blur (with probability 1) only for images that SimCLRAugment blurs (augment.blurs: `blur_from`
+    px or more).
     {name: (callable, views one call makes)}."""
     images, generator, device = task.images[:task.images_per_step], task.generator, task.device
     x = images / 255.0  # uint8 -> float32 (b, 3, H, W) in [0, 1]
@@ -70,8 +71,8 @@ def augmentation_ops(task):
     # Each operation 0.2 off neutral: x 1.2, hue 0.2 of a turn; float32 (b,) each.
     factors = {name: torch.full((batch,), JITTER_NEUTRAL[name] + 0.2, device=device) for name in JITTER_OPS}
     on = torch.ones(batch, dtype=torch.bool, device=device)
-    ops = {  # {name: (call, views one call makes)}
-        "whole pipeline": (lambda: task.method.views(images, generator),  # (V * b, 3, H, W)
+    ops = {
+        "whole pipeline": (lambda: task.make_views(images),  # (V * b, 3, H, W)
                            task.method.views_per_image * batch),
         "crop+flip (one affine warp)": (lambda: affine_crop_flip(x, box, flip), batch),
         **{name: (partial(jitter_op, name, x, factors[name]), batch) for name in JITTER_OPS},

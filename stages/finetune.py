@@ -110,7 +110,7 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
         result = {"mode": args.mode, "fraction": fraction, "key": fraction_key(fraction), "seed": seed,
                   "labeled_images": len(labeled), "best_epoch": task.best_epoch, "epochs_run": len(task.history),
                   "best_val_accuracy": task.best_accuracy, "seconds": round(task.train_seconds, 2),
-                  "settings": settings(cfg, args.mode), "steps_per_epoch": steps,
+                  "settings": settings(task), "steps_per_epoch": steps,
                   "device": train.device_name(device), "config": train.fingerprint(config)}
         if distributed.is_main():
             save_cell(cell_dir, result, context["test_y"], y_pred, task.history)
@@ -119,12 +119,13 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     log(f"finetune {args.mode} {key}: test accuracy {test['accuracy']:.4f} (best epoch {task.best_epoch})")
 
 
-def settings(cfg, mode):
-    """The fine-tuning choices a cell of `mode` ran with, as its result reports them (not in its config
-    fingerprint): `linear` keeps the backbone frozen, so every epoch is head-only and its lr is 0."""
-    linear = mode == "linear"
-    return {"lr": cfg.lr, "backbone_lr": 0.0 if linear else cfg.lr * cfg.backbone_lr_scale,
-            "head_epochs": cfg.max_epochs if linear else cfg.head_epochs, "epochs": cfg.max_epochs,
+def settings(task):
+    """The fine-tuning choices a cell's FinetuneTask ran with, as its result reports them (not in its config
+    fingerprint), read from the task: a backbone it never trains (`linear`) reports lr 0, every epoch head-only."""
+    cfg = task.cfg
+    trains_backbone = any(group["part"] == "backbone" for group in task.optimizer.param_groups)
+    return {"lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr_scale if trains_backbone else 0.0,
+            "head_epochs": sum(map(task.head_only, range(cfg.max_epochs))), "epochs": cfg.max_epochs,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "equal_steps": cfg.equal_steps}
 
 

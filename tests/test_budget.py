@@ -15,7 +15,7 @@ from tests.conftest import STANDARDIZE, run_module, save_data, synthetic_images,
 RATES = budget.Rates(train_views_per_s=1000, augment_views_per_s=4000, infer_images_per_s=2000,
                      decode_images_per_s=100, stage_start_s=5, compile_s=30, checkpoint_s=1, evaluate_s=7)
 PRETRAIN = SimpleNamespace(epochs=4, batch_size=100, knn_every=2, checkpoint_seconds=2.0, compile=False)
-FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, compile=True)
+FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, checkpoint_seconds=60.0, compile=True)
 
 
 def test_budget_rows_are_worked_by_hand():
@@ -88,6 +88,16 @@ def test_checkpoints_counted_as_run_epochs_saves_them(monkeypatch, epochs, epoch
     assert len(saves) == checkpoints
 
 
+def test_finetune_checkpoints_counted_per_cell():
+    # Each cell is one run_epochs (as counted above): 3 epochs of 8 steps x 100 images at 1,000/s + 200 validation
+    # images at 2,000/s = 0.9 s; with checkpoint_seconds 1 a save after epoch 2 only, so 1 a cell, 4 cells.
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "checkpoint_seconds": 1.0})
+    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, 1, PRETRAIN, finetune))
+    row = next(r for r in rows if r["stage"].startswith("finetune"))
+    assert ", 4 checkpoints" in row["note"]
+    assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + 4 * 1)
+
+
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
     finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
     study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)
@@ -119,9 +129,10 @@ def test_benchmark_times_the_blur_where_the_augmentation_blurs(tmp_path, size):
     """bench's augmentation entries make the views they claim; the blur is timed only at blur_from px or more."""
     path = write_params(tmp_path / "params.yaml", **{"pretrain.augment.blur_from": 64})  # 32 px no, 64 px yes
     cfg = params_lib.load(path, "pretrain").pretrain
+    method, generator = SimCLR(cfg, STANDARDIZE), torch.Generator().manual_seed(0)
     task = SimpleNamespace(images=torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8), images_per_step=4,
-                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), cfg=cfg,
-                           method=SimCLR(cfg, STANDARDIZE))  # what augmentation_ops reads of a PretrainTask
+                           generator=generator, device=torch.device("cpu"), cfg=cfg, method=method,
+                           make_views=lambda images: method.views(images, generator))  # as PretrainTask's on a CPU
     ops = augmentation_ops(task)
     assert ("blur" in ops) == (size == 64)
     for name, (fn, views) in ops.items():

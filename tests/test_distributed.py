@@ -137,13 +137,19 @@ def tiny_pretraining(tmp_path, epochs):
     })
 
 
-def torchrun_pretrain(tmp_path, out, **popen):
-    """Start `torchrun --nproc_per_node 2 -m stages.pretrain` on the tiny data; returns the Popen."""
+def torchrun(module, argv, **popen):
+    """Start `torchrun --nproc_per_node 2 -m <module> <argv>` in the repository; returns the Popen (stderr piped)."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.pretrain", *pretrain_argv(tmp_path / "params.yaml", tmp_path / "prepared",
-                                                       tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt")]
+               "-m", module, *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def torchrun_pretrain(tmp_path, out, **popen):
+    """Start two-process pretraining on the tiny data; returns the Popen."""
+    return torchrun("stages.pretrain", pretrain_argv(tmp_path / "params.yaml", tmp_path / "prepared",
+                                                     tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt"),
+                    **popen)
 
 
 def test_two_process_pretraining_writes_one_set_of_outputs(tmp_path):
@@ -204,12 +210,10 @@ def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
     from stages.lib.models import ResNet, save_backbone
 
     save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4, "cifar"), origin="random", params={})
-    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.finetune", *finetune_argv(params, "baseline", tmp_path / "baseline.pt",
-                                                       tmp_path / "prepared", tmp_path / "splits", tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    process = torchrun("stages.finetune", finetune_argv(params, "baseline", tmp_path / "baseline.pt",
+                                                        tmp_path / "prepared", tmp_path / "splits", tmp_path))
+    stderr = process.communicate(timeout=600)[1]
+    assert process.returncode == 0, stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "n100_s0.json", "n100_s0.npz", "n50_s0.json", "n50_s0.npz"]
     assert sorted(p.name for p in (tmp_path / "curves").iterdir()) == ["n100_s0.csv", "n50_s0.csv"]

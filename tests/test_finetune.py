@@ -76,9 +76,10 @@ def test_linear_mode_trains_only_the_head(tmp_path):
     assert not torch.equal(task.model.head.weight, head_before)  # while the head trains
     # Its result reports what ran: no backbone lr, every epoch head-only.
     assert {group["part"] for group in task.optimizer.param_groups} == {"head"}
-    reported = finetune_stage.settings(p, "linear")
+    reported = finetune_stage.settings(task)
     assert (reported["backbone_lr"], reported["head_epochs"]) == (0.0, len(task.history))
-    assert finetune_stage.settings(p, "ssl")["backbone_lr"] == p.lr * p.backbone_lr_scale
+    ssl = finetune_stage.settings(make_task("ssl", copy_of(backbone), p))
+    assert ssl["backbone_lr"] == p.lr * p.backbone_lr_scale
 
 
 def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):

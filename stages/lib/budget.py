@@ -27,8 +27,7 @@ class Study:
     """What a study processes: image counts from the data, settings from params.yaml. The data stage
     reads train + test + unlabeled images, and its row times every one at the file-decoding rate, as
     a local copy needs. A named data set (cifar10, ...) arrives as arrays, only resized where
-    image_size differs, so the row counts more work than it does, and leaves out its download and
-    torchvision's checksums."""
+    image_size differs; the row leaves out its download and torchvision's checksums."""
 
     train_images: int  # labeled training images (after data.limit)
     unlabeled_images: int  # images without labels that SimCLR also trains on (STL-10's; 0 for most)
@@ -41,6 +40,12 @@ class Study:
     finetune: object  # params' FinetuneParams
 
 
+def _checkpoints(epochs, epoch_s, seconds):
+    """The checkpoints run_epochs saves: at an epoch's end once `seconds` have passed since the last save, never
+    after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s) (1 when 0): (epochs - 1) // k."""
+    return (epochs - 1) // max(1, math.ceil(seconds / epoch_s))
+
+
 def _pretrain(rates, s):
     p = s.pretrain
     steps = (s.train_images + s.unlabeled_images) // p.batch_size
@@ -48,9 +53,7 @@ def _pretrain(rates, s):
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
     knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
     knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    # run_epochs saves at an epoch's end once checkpoint_seconds have passed since the last save, never after the
-    # last epoch: after every k-th epoch, k = ceil(checkpoint_seconds / epoch_s) (1 when 0), so (epochs - 1) // k
-    checkpoints = (p.epochs - 1) // max(1, math.ceil(p.checkpoint_seconds / epoch_s))
+    checkpoints = _checkpoints(p.epochs, epoch_s, p.checkpoint_seconds)
     seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
                + checkpoints * rates.checkpoint_s)
     note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"
@@ -61,15 +64,18 @@ def _pretrain(rates, s):
 def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
-    images, val = 0, 0
+    images, val, checkpoints = 0, 0, 0
     for fraction in s.fractions:
         labeled = max(1, round(fraction * pool))
         steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
+        epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         images += s.seeds * p.max_epochs * steps * p.batch_size
         val += s.seeds * (p.max_epochs * s.val_images + s.test_images)
+        checkpoints += s.seeds * _checkpoints(p.max_epochs, epoch_s, p.checkpoint_seconds)  # run_epochs per cell
     seconds = (rates.stage_start_s + rates.compile_s * p.compile + images / rates.train_views_per_s
-               + val / rates.infer_images_per_s)
-    note = f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs" + (", compile" if p.compile else "")
+               + val / rates.infer_images_per_s + checkpoints * rates.checkpoint_s)
+    note = (f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
+            + (", compile" if p.compile else ""))
     return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}
 
 
@@ -77,8 +83,7 @@ def study_budget(rates, s):
     """Rows {stage, images, seconds, note} for the whole study, and the total seconds.
 
     `images` counts what passes through the network in training (SimCLR: both views), or the
-    images the data stage reads, all timed at the decoding rate (a named data set's download and
-    checksums not counted).
+    images the data stage reads (see `Study`).
     The finetune row is one mode; the total counts every mode.
     """
     decode = s.train_images + s.test_images + s.unlabeled_images  # what the data stage reads
@@ -86,7 +91,7 @@ def study_budget(rates, s):
     rows = [
         {"stage": "data", "images": decode, "seconds": rates.stage_start_s + decode / rates.decode_images_per_s,
          "note": "every image at the file-decoding rate"
-                 " (a named data set arrives as arrays, undecoded; download not counted)"},
+                 " (a named data set arrives as arrays, undecoded; download and checksums not counted)"},
         {"stage": "split", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
         _pretrain(rates, s),
         {"stage": "init", "images": 0, "seconds": rates.stage_start_s, "note": "start-up only"},
