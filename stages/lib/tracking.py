@@ -207,8 +207,8 @@ def connect():
 
 @contextlib.contextmanager
 def stage_run(stage, params, run_name=None, tags=None, data=None):
-    """Open an MLflow run for one stage invocation, logging its params, standard tags and the
-    data set it reads (`data`, from `dataset`)."""
+    """Open an MLflow run for one stage invocation (in a fine-tuning stage, for one cell it trains), logging its
+    params, standard tags and the data set it reads (`data`, from `dataset`)."""
     mlflow = connect()
     group = pipeline_run()
     all_tags = {
