@@ -2,6 +2,7 @@
 any image mode and size, both folder layouts, the held-out test set, named data sets (faked)."""
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -158,6 +159,26 @@ def test_an_archive_made_of_a_folder_with_tar_dot_reads_as_the_folder(tmp_path):
     for split in ("train", "test"):
         for got, want in zip(getattr(found, split), getattr(expected, split)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_links_in_an_archive_read_as_their_targets_and_a_dangling_one_stops(tmp_path):
+    root = numbered_flat_folder(tmp_path / "flat")
+    os.link(root / "daisy/000.png", root / "daisy/hard.png")  # tar stores the second name as a hard link
+    (root / "rose/soft.png").symlink_to("010.png")
+    with tarfile.open(tmp_path / "links.tgz", "w:gz") as archive:
+        archive.add(root, arcname="flowers")
+    found = sources.read_source(str(tmp_path / "links.tgz"), 24, 0.2, 7, tmp_path / "dl")
+    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
+    assert len(expected.train[0]) + len(expected.test[0]) == 27
+    for split in ("train", "test"):
+        for got, want in zip(getattr(found, split), getattr(expected, split)):
+            np.testing.assert_array_equal(got, want)
+    (root / "rose/soft.png").unlink()
+    (root / "rose/soft.png").symlink_to("missing.png")
+    with tarfile.open(tmp_path / "dangling.tgz", "w:gz") as archive:
+        archive.add(root, arcname="flowers")
+    with pytest.raises(UserError, match=r"dangling.tgz: flowers/rose/soft.png is a link to missing.png, which is no "):
+        sources.read_source(str(tmp_path / "dangling.tgz"), 24, 0.2, 7, tmp_path / "dl")
 
 
 @pytest.mark.parametrize("layout", [

@@ -250,13 +250,22 @@ def _tar_files(path):
         for member in archive:
             if member.isdir():
                 yield PurePosixPath(member.name), None
-            elif member.isfile():
-                data = archive.extractfile(member).read()
+            elif (reader := _tar_reader(archive, member, path)) is not None:  # a file, or a link to one
+                data = reader.read()
                 yield PurePosixPath(member.name), (lambda data=data: data)
         # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
         archive.fileobj.seek(archive.offset)
         if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
+
+
+def _tar_reader(archive, member, path):
+    """A member's file object (a link's: its target's, as a folder reads it); None: a device, a link to a folder."""
+    try:
+        return archive.extractfile(member)
+    except (KeyError, RecursionError):  # tarfile's lookup of the target: not found, or a loop of links
+        raise UserError(f"data.source: {path}: {member.name} is a link to {member.linkname}, "
+                        "which is no file in the archive") from None
 
 
 def _zip_files(path):
