@@ -3,7 +3,7 @@
 Measures, with the fraction, data, model, pretrain and finetune settings of params.yaml, on random
 images of the prepared data's size (--data, default data/prepared: run `dvc repro data` first; its image
 counts size the budget):
-(a) the method's whole augmentation pipeline (its `views`) alone and, operation by operation, SimCLR's
+(a) the step's whole augmentation pipeline (`PretrainTask.make_views`) alone and, operation by operation, SimCLR's
 kornia operations (its Gaussian blur only for images of pretrain.augment.blur_from px or more), (b) the
 SimCLR train step alone on pre-made views, (c) a whole SimCLR epoch, (d) eval-mode inference, image
 decoding, a stage's start-up, compile and checkpoint costs; then prints the time budget of the study that

@@ -120,12 +120,12 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
 
 
 def settings(task):
-    """The fine-tuning choices a cell's FinetuneTask ran with, as its result reports them (not in its config
-    fingerprint), read from the task: a backbone it never trains (`linear`) reports lr 0, every epoch head-only."""
+    """The fine-tuning choices a cell's FinetuneTask ran with, readable in its result (its config is there only as
+    a fingerprint); head-only epochs as the task counts them: a backbone frozen every epoch (`linear`) reports lr 0."""
     cfg = task.cfg
-    trains_backbone = any(group["part"] == "backbone" for group in task.optimizer.param_groups)
-    return {"lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr_scale if trains_backbone else 0.0,
-            "head_epochs": sum(map(task.head_only, range(cfg.max_epochs))), "epochs": cfg.max_epochs,
+    head_epochs = sum(map(task.head_only, range(cfg.max_epochs)))
+    return {"lr": cfg.lr, "backbone_lr": 0.0 if head_epochs == cfg.max_epochs else cfg.lr * cfg.backbone_lr_scale,
+            "head_epochs": head_epochs, "epochs": cfg.max_epochs,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "equal_steps": cfg.equal_steps}
 
 

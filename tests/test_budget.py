@@ -98,6 +98,13 @@ def test_finetune_checkpoints_counted_per_cell():
     assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + 4 * 1)
 
 
+def test_fewer_images_than_a_batch_take_no_pretraining_time_and_no_checkpoint():
+    # 50 images, batch 100: no SimCLR step (the pretrain stage refuses this study; bench still prints its budget)
+    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, 1, PRETRAIN, FINETUNE))
+    row = next(r for r in rows if r["stage"] == "pretrain")
+    assert row["epoch_s"] == 0 and ", 0 checkpoints" in row["note"]
+
+
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
     finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
     study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)

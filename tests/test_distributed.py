@@ -137,26 +137,36 @@ def tiny_pretraining(tmp_path, epochs):
     })
 
 
-def torchrun(module, argv, **popen):
-    """Start `torchrun --nproc_per_node 2 -m <module> <argv>` in the repository; returns the Popen (stderr piped)."""
+def torchrun(module, argv):
+    """Start `torchrun --nproc_per_node 2 -m <module> <argv>` in the repository, in a process group of its own (for a
+    signal to reach its workers too); returns the Popen (stderr piped)."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", module, *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def torchrun_pretrain(tmp_path, out, **popen):
+def finished(process, timeout=600):
+    """The rest of a torchrun's stderr once it has ended; on a hang its whole group is killed, workers too."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+
+
+def torchrun_pretrain(tmp_path, out):
     """Start two-process pretraining on the tiny data; returns the Popen."""
     return torchrun("stages.pretrain", pretrain_argv(tmp_path / "params.yaml", tmp_path / "prepared",
-                                                     tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt"),
-                    **popen)
+                                                     tmp_path / "splits/val.npy", out, tmp_path / "checkpoint.pt"))
 
 
 def test_two_process_pretraining_writes_one_set_of_outputs(tmp_path):
     tiny_pretraining(tmp_path, epochs=2)
     out = tmp_path / "out"
     process = torchrun_pretrain(tmp_path, out)
-    stderr = process.communicate(timeout=600)[1]
+    stderr = finished(process)
     assert process.returncode == 0, stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["pretrain.csv", "pretrain.json", "pretrain_knn.csv", "ssl.pt"]
     metrics = json.loads((out / "pretrain.json").read_text())
@@ -175,20 +185,21 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
     stop at the same step, rank 0 saves the checkpoint, and a rerun ends like an unbroken run."""
     tiny_pretraining(tmp_path, epochs=3)
     reference = torchrun_pretrain(tmp_path, tmp_path / "reference")
-    assert reference.wait(timeout=600) == 0
-    process = torchrun_pretrain(tmp_path, tmp_path / "out", start_new_session=True)
+    finished(reference)
+    assert reference.returncode == 0
+    process = torchrun_pretrain(tmp_path, tmp_path / "out")
     lines = []
     for line in process.stderr:
         lines.append(line)
         if line.startswith("pretrain epoch 1/3:"):
             os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
             break
-    lines += process.stderr.readlines()
-    assert process.wait(timeout=120) != 0
+    lines.append(finished(process, timeout=120))
+    assert process.returncode != 0
     assert (tmp_path / "checkpoint.pt").exists(), "".join(lines)[-3000:]
     assert "stopped by SIGINT" in "".join(lines)
     resumed = torchrun_pretrain(tmp_path, tmp_path / "out")
-    stderr = resumed.communicate(timeout=600)[1]
+    stderr = finished(resumed)
     assert resumed.returncode == 0 and "resuming from" in stderr, stderr[-3000:]
     final = torch.load(tmp_path / "out/ssl.pt")["state_dict"]
     expected = torch.load(tmp_path / "reference/ssl.pt")["state_dict"]
@@ -212,7 +223,7 @@ def test_two_process_fine_tuning_writes_one_set_of_outputs(tmp_path):
     save_backbone(tmp_path / "baseline.pt", ResNet("resnet18", 4, "cifar"), origin="random", params={})
     process = torchrun("stages.finetune", finetune_argv(params, "baseline", tmp_path / "baseline.pt",
                                                         tmp_path / "prepared", tmp_path / "splits", tmp_path))
-    stderr = process.communicate(timeout=600)[1]
+    stderr = finished(process)
     assert process.returncode == 0, stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "n100_s0.json", "n100_s0.npz", "n50_s0.json", "n50_s0.npz"]

@@ -42,8 +42,9 @@ class Study:
 
 def _checkpoints(epochs, epoch_s, seconds):
     """The checkpoints run_epochs saves: at an epoch's end once `seconds` have passed since the last save, never
-    after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s) (1 when 0): (epochs - 1) // k."""
-    return (epochs - 1) // max(1, math.ceil(seconds / epoch_s))
+    after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s) (1 when 0): (epochs - 1) // k.
+    Epochs of no steps (fewer images than a batch: the stage refuses them) take no time and save none."""
+    return (epochs - 1) // max(1, math.ceil(seconds / epoch_s)) if epoch_s > 0 else 0
 
 
 def _pretrain(rates, s):
@@ -64,16 +65,15 @@ def _pretrain(rates, s):
 def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
-    images, val, checkpoints = 0, 0, 0
+    images, train_s, checkpoints = 0, 0.0, 0
     for fraction in s.fractions:
         labeled = max(1, round(fraction * pool))
         steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         images += s.seeds * p.max_epochs * steps * p.batch_size
-        val += s.seeds * (p.max_epochs * s.val_images + s.test_images)
+        train_s += s.seeds * (p.max_epochs * epoch_s + s.test_images / rates.infer_images_per_s)  # epochs, then test
         checkpoints += s.seeds * _checkpoints(p.max_epochs, epoch_s, p.checkpoint_seconds)  # run_epochs per cell
-    seconds = (rates.stage_start_s + rates.compile_s * p.compile + images / rates.train_views_per_s
-               + val / rates.infer_images_per_s + checkpoints * rates.checkpoint_s)
+    seconds = rates.stage_start_s + rates.compile_s * p.compile + train_s + checkpoints * rates.checkpoint_s
     note = (f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
     return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}
