@@ -22,23 +22,20 @@ Adding a named data set is one function in DATASETS that returns a `Source`.
 import http.client
 import io
 import os
-import tarfile
-import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.lib.cli import UserError
 from stages.lib.io import sha256
+from stages.lib.local_copy import ARCHIVES, archive_files, folder_files
 from stages.lib.prepared import SPLITS
 from stages.lib.progress import Progress
 
-ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
 WHITE = (255, 255, 255, 255)
 
 
@@ -64,10 +61,10 @@ def read_source(source, image_size, test_fraction, seed, download_dir):
         raise UserError(f"data.source: {path} does not exist (give one of {', '.join(DATASETS)}, "
                         "or a path to a folder or archive of images)")
     if path.is_dir():
-        return _read_local(_directory_files(path), str(path), image_size, test_fraction, seed)
+        return _read_local(folder_files(path), str(path), image_size, test_fraction, seed)
     if not path.name.lower().endswith(ARCHIVES):
         raise UserError(f"data.source: {path} is not a directory or a {'/'.join(ARCHIVES)} archive")
-    found = _read_local(_archive_files(path), str(path), image_size, test_fraction, seed)
+    found = _read_local(archive_files(path), str(path), image_size, test_fraction, seed)
     return replace(found, sha256=sha256(path))
 
 
@@ -226,56 +223,6 @@ def hold_out(y, test_fraction, seed, classes):
         test.append(shuffled[:n_test])
         train.append(shuffled[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def _directory_files(root):
-    """Yield (relative posix path, reader) for every file under root, sorted; reader None for a folder."""
-    for path in sorted(root.rglob("*")):
-        yield PurePosixPath(path.relative_to(root).as_posix()), (None if path.is_dir() else path.read_bytes)
-
-
-def _archive_files(path):
-    try:
-        if path.name.lower().endswith(".zip"):
-            yield from _zip_files(path)
-        else:
-            yield from _tar_files(path)
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-        detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
-        raise UserError(f"data.source: {path} is truncated or not a valid archive ({detail})") from None
-
-
-def _tar_files(path):
-    with tarfile.open(path, "r:*") as archive:
-        for member in archive:
-            if member.isdir():
-                yield PurePosixPath(member.name), None
-            elif (reader := _tar_reader(archive, member, path)) is not None:  # a file, or a link to one
-                data = reader.read()
-                yield PurePosixPath(member.name), (lambda data=data: data)
-        # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
-        archive.fileobj.seek(archive.offset)
-        if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-            raise tarfile.ReadError("it ends before its end-of-archive marker")
-
-
-def _tar_reader(archive, member, path):
-    """A member's file object (a link's: its target's, as a folder reads it); None: a device, a link to a folder."""
-    try:
-        return archive.extractfile(member)
-    except (KeyError, RecursionError):  # tarfile's lookup of the target: not found, or a loop of links
-        raise UserError(f"data.source: {path}: {member.name} is a link to {member.linkname}, "
-                        "which is no file in the archive") from None
-
-
-def _zip_files(path):
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                yield PurePosixPath(info.filename), None
-            else:
-                data = archive.read(info)
-                yield PurePosixPath(info.filename), (lambda data=data: data)
 
 
 def _ignored(rel):  # hidden, macOS metadata, or an archive's entry for its top itself (tar -C copy -czf c.tgz .)
