@@ -105,6 +105,23 @@ def test_fewer_images_than_a_batch_take_no_pretraining_time_and_no_checkpoint():
     assert row["epoch_s"] == 0 and ", 0 checkpoints" in row["note"]
 
 
+def test_pretrain_checkpoints_are_due_on_run_epochs_clock_knn_monitor_included():
+    # 10 epochs of 10 steps x 200 views at 200 views/s (10 s) + a kNN over 1,000 images each at 1,000/6 a second
+    # (6 s): run_epochs' clock sees 16 s epochs, so with checkpoint_seconds 15 a save after each but the last, 9
+    # (4 with 10 s epochs, as the parametrized case above).
+    rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 200, "augment_views_per_s": float("inf"),
+                            "infer_images_per_s": 1000 / 6})
+    pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": 10, "knn_every": 1, "checkpoint_seconds": 15.0})
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    assert ", 9 checkpoints" in next(r for r in rows if r["stage"] == "pretrain")["note"]
+
+
+def test_checkpoint_seconds_0_saves_after_every_epoch_but_the_last_even_of_no_steps():
+    pretrain = SimpleNamespace(**{**vars(PRETRAIN), "checkpoint_seconds": 0.0})  # 4 epochs; 50 images, batch 100
+    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, 1, pretrain, FINETUNE))
+    assert ", 3 checkpoints" in next(r for r in rows if r["stage"] == "pretrain")["note"]
+
+
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
     finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
     study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)

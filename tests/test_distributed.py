@@ -147,12 +147,15 @@ def torchrun(module, argv):
 
 
 def finished(process, timeout=600):
-    """The rest of a torchrun's stderr once it has ended; on a hang its whole group is killed, workers too."""
+    """The rest of a torchrun's stderr once it has ended. On a hang (the test fails with the stderr it had) or on
+    any exception, Ctrl-C in pytest too, its whole group is killed, workers too: they are in a session of their own."""
     try:
         return process.communicate(timeout=timeout)[1]
-    except subprocess.TimeoutExpired:
+    except BaseException as error:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        rest = process.communicate()[1]
+        if isinstance(error, subprocess.TimeoutExpired):
+            pytest.fail(f"torchrun did not end in {timeout} s; its stderr ends:\n{rest[-3000:]}")
         raise
 
 
@@ -185,8 +188,8 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
     stop at the same step, rank 0 saves the checkpoint, and a rerun ends like an unbroken run."""
     tiny_pretraining(tmp_path, epochs=3)
     reference = torchrun_pretrain(tmp_path, tmp_path / "reference")
-    finished(reference)
-    assert reference.returncode == 0
+    stderr = finished(reference)
+    assert reference.returncode == 0, stderr[-3000:]
     process = torchrun_pretrain(tmp_path, tmp_path / "out")
     lines = []
     for line in process.stderr:

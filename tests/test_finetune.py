@@ -108,7 +108,8 @@ def test_resume_after_a_stop_equals_an_uninterrupted_cell(tmp_path, interrupt, e
     """A stop on an epoch's last step checkpoints (epoch, steps_per_epoch): the resume runs only that epoch's
     end. A stop inside the first epoch that trains the backbone keeps the momentum it had built by then. A crash
     in that epoch resumes from the checkpoint at its start (step 0): the backbone starts training afresh, without
-    the momentum the head-only epochs left in the checkpoint (checkpoint_seconds 0: one after every epoch)."""
+    the momentum the head-only epochs left in the checkpoint (checkpoint_seconds 0: one after every epoch but the
+    last)."""
     p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": 1})
     backbone = ResNet("resnet18", 4, "cifar")
 

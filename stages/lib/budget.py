@@ -41,10 +41,13 @@ class Study:
 
 
 def _checkpoints(epochs, epoch_s, seconds):
-    """The checkpoints run_epochs saves: at an epoch's end once `seconds` have passed since the last save, never
-    after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s) (1 when 0): (epochs - 1) // k.
-    Epochs of no steps (fewer images than a batch: the stage refuses them) take no time and save none."""
-    return (epochs - 1) // max(1, math.ceil(seconds / epoch_s)) if epoch_s > 0 else 0
+    """The checkpoints run_epochs saves: at an epoch's end once `seconds` have passed since the last save (0: at
+    every one), never after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s): (epochs - 1) // k.
+    epoch_s: an epoch's mean seconds on run_epochs' clock (the kNN monitor's share included). Epochs of no steps
+    (fewer images than a batch: the stage refuses them) take no time, so no save is due in them unless at 0."""
+    if seconds == 0:
+        return epochs - 1
+    return (epochs - 1) // math.ceil(seconds / epoch_s) if epoch_s > 0 else 0
 
 
 def _pretrain(rates, s):
@@ -54,7 +57,7 @@ def _pretrain(rates, s):
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
     knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
     knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    checkpoints = _checkpoints(p.epochs, epoch_s, p.checkpoint_seconds)
+    checkpoints = _checkpoints(p.epochs, epoch_s + knn_s / p.epochs, p.checkpoint_seconds)
     seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
                + checkpoints * rates.checkpoint_s)
     note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"

@@ -282,7 +282,8 @@ def _section_type(model, name):
     return None
 
 
-NAMES = (*SECTIONS, *(f"{section}.{key}" for section in SECTIONS  # what params.load takes
+# What params.load takes: a section's name, or a section's name and one of its keys.
+NAMES = (*SECTIONS, *(f"{section}.{key}" for section in SECTIONS
                       for key in getattr(_section_type(Params, section), "model_fields", ())))
 
 
