@@ -2,8 +2,6 @@
 any image mode and size, both folder layouts, the held-out test set, named data sets (faked)."""
 import io
 import json
-import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -147,54 +145,6 @@ def test_stray_files_beside_a_wrapping_folder_are_ignored(tmp_path):
     found = sources.read_source(str(root.parent), 24, 0.5, 0, tmp_path / "dl")
     assert found.classes == ["daisy", "rose"]
     assert np.bincount(found.train[1]).tolist() == [1, 1] and np.bincount(found.test[1]).tolist() == [1, 1]
-
-
-def tar_reads_as_folder(tmp_path, root, name, arcname):
-    """Pack root as tmp_path/name (a gzipped tar, root stored as arcname); it reads as the folder does (classes,
-    train and test x and y). Returns the folder's read."""
-    with tarfile.open(tmp_path / name, "w:gz") as archive:
-        archive.add(root, arcname=arcname)
-    found = sources.read_source(str(tmp_path / name), 24, 0.2, 7, tmp_path / "dl")
-    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
-    assert found.classes == expected.classes
-    for split in ("train", "test"):
-        for got, want in zip(getattr(found, split), getattr(expected, split)):
-            np.testing.assert_array_equal(got, want)
-    return expected
-
-
-def test_an_archive_made_of_a_folder_with_tar_dot_reads_as_the_folder(tmp_path):
-    root = numbered_flat_folder(tmp_path / "flat")
-    # as `tar -C flowers -czf flat.tgz .`: an entry ./ for the top itself
-    expected = tar_reads_as_folder(tmp_path, root, "flat.tgz", arcname=".")
-    assert expected.classes == ["daisy", "rose", "tulip"]
-
-
-def test_links_in_an_archive_read_as_their_targets_and_a_dangling_one_stops(tmp_path):
-    root = numbered_flat_folder(tmp_path / "flat")
-    os.link(root / "daisy/000.png", root / "daisy/hard.png")  # tar stores the second name as a hard link
-    (root / "rose/soft.png").symlink_to("010.png")
-    expected = tar_reads_as_folder(tmp_path, root, "links.tgz", arcname="flowers")
-    assert len(expected.train[0]) + len(expected.test[0]) == 27
-    (root / "rose/soft.png").unlink()
-    (root / "rose/soft.png").symlink_to("missing.png")
-    with tarfile.open(tmp_path / "dangling.tgz", "w:gz") as archive:
-        archive.add(root, arcname="flowers")
-    with pytest.raises(UserError, match=r"dangling.tgz: flowers/rose/soft.png is a link to missing.png, which is no "):
-        sources.read_source(str(tmp_path / "dangling.tgz"), 24, 0.2, 7, tmp_path / "dl")
-
-
-def test_a_dangling_link_the_copy_ignores_reads_as_the_folder_does(tmp_path):
-    """A link is read only where an image is (a dangling one in a hidden folder or beside the classes is ignored);
-    links in a `tar -C copy .` archive (./ names) to a link through ../ read as the folder's files."""
-    root = numbered_flat_folder(tmp_path / "flat")
-    (root / ".git").mkdir()
-    (root / ".git/HEAD").symlink_to("/nonexistent/HEAD")
-    (root / "NOTES.md").symlink_to("../../NOTES.md")
-    (root / "daisy/soft.png").symlink_to("003.png")
-    (root / "tulip/twice.png").symlink_to("../daisy/soft.png")
-    expected = tar_reads_as_folder(tmp_path, root, "dot.tgz", arcname=".")
-    assert len(expected.train[0]) + len(expected.test[0]) == 27
 
 
 @pytest.mark.parametrize("layout", [

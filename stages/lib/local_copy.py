@@ -33,12 +33,18 @@ def archive_files(path):
 
 
 def _tar_files(path):
+    """Files first, then links: a link's target has then been read (a symbolic link may come before it)."""
     with tarfile.open(path, "r:*") as archive:
-        read = {}  # a member's normalised name -> the bytes read for it, for a link to it
+        read, links = {}, []  # read: a member's normalised name -> its bytes, for a link to it
         for member in archive:
             if member.isdir():
                 yield PurePosixPath(member.name), None
-            elif (reader := _tar_reader(archive, member, read, path)) is not None:  # a file, or a link to one
+            elif member.islnk() or member.issym():
+                links.append(member)
+            elif (reader := _tar_reader(archive, member, read, path)) is not None:  # None: a device, a fifo
+                yield PurePosixPath(member.name), reader
+        for member in links:
+            if (reader := _tar_reader(archive, member, read, path)) is not None:  # None: a link to a folder
                 yield PurePosixPath(member.name), reader
         # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
         archive.fileobj.seek(archive.offset)
@@ -48,8 +54,9 @@ def _tar_files(path):
 
 def _tar_reader(archive, member, read, path):
     """A member's reader (a link's reads its target, as a folder reads it); None: a device, a link to a folder.
-    A target already in `read` is not read again (gzip would decompress the archive again to seek back to it).
-    A link to no file in the archive (or a loop of links) stops with one line when read, as a folder's does."""
+    A target already in `read` is not read again (gzip would decompress the archive again to seek back to it), so
+    `read` holds every file's bytes, ignored ones too, until the archive is done. A link to no file in the archive
+    (or a loop of links) stops with one line when read, as a folder's does."""
     data = None
     if member.islnk() or member.issym():
         folder = "" if member.islnk() else posixpath.dirname(member.name)  # a symbolic link's target is relative
