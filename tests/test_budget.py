@@ -51,18 +51,18 @@ class FakeTime:
 
 
 class EpochTask:
-    """What run_epochs reads of a Task: one step an epoch, whose end moves the clock on by epoch_s."""
+    """What run_epochs reads of a Task: one step an epoch, whose end moves the clock on by that epoch's seconds."""
 
     device, images_per_step, steps_per_epoch = torch.device("cpu"), 1, 1
 
-    def __init__(self, clock, epoch_s):
-        self.clock, self.epoch_s = clock, epoch_s
+    def __init__(self, clock, epoch_seconds):
+        self.clock, self.epoch_seconds = clock, epoch_seconds
 
     def step(self, epoch, step):
         return torch.tensor(1.0)
 
     def end_epoch(self, epoch, mean_loss):
-        self.clock.now += self.epoch_s
+        self.clock.now += self.epoch_seconds[epoch]
 
     def state(self, epoch, step, loss_sum):
         return {"epoch": epoch, "step": step}
@@ -73,19 +73,46 @@ class EpochTask:
 def test_checkpoints_counted_as_run_epochs_saves_them(monkeypatch, epochs, epoch_s, checkpoint_seconds, checkpoints):
     # run_epochs saves at the end of an epoch once checkpoint_seconds have passed since the last save: with
     # 10 s epochs and 15 s, after epochs 2, 4, 6, 8 (none after the last), not every 15 s of the 90 s (6).
-    rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 2000 / epoch_s, "augment_views_per_s": float("inf")})
+    rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 2000 / epoch_s, "augment_views_per_s": float("inf"),
+                            "infer_images_per_s": float("inf")})  # a kNN monitor of no time: see the test below
     pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": epochs, "checkpoint_seconds": checkpoint_seconds})
     rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
     row = next(r for r in rows if r["stage"] == "pretrain")  # 10 steps x 200 views an epoch, epoch_s seconds
     assert row["epoch_s"] == pytest.approx(epoch_s)
     assert f", {checkpoints} checkpoints" in row["note"]
     # run_epochs itself, on epochs of epoch_s seconds, saves as many
-    clock, saves = FakeTime(), []
+    clock = FakeTime()
+    assert run_epochs_saves(monkeypatch, clock, [epoch_s] * epochs, checkpoint_seconds) == checkpoints
+    assert clock.now == pytest.approx(epochs * epoch_s)
+
+
+def run_epochs_saves(monkeypatch, clock, epoch_seconds, checkpoint_seconds):
+    """The checkpoints run_epochs saves on epochs of these seconds (on the fake clock)."""
+    saves = []
     monkeypatch.setattr(train, "time", clock)
     checkpoint = SimpleNamespace(path=Path("unwritten.pt"), load=lambda: None, save=saves.append)
-    train.run_epochs(EpochTask(clock, epoch_s), epochs, checkpoint, checkpoint_seconds, "pretrain")
-    assert clock.now == pytest.approx(epochs * epoch_s)
-    assert len(saves) == checkpoints
+    train.run_epochs(EpochTask(clock, epoch_seconds), len(epoch_seconds), checkpoint, checkpoint_seconds, "pretrain")
+    return len(saves)
+
+
+@pytest.mark.parametrize("knn_every, compile_, checkpoint_seconds, epoch_seconds, knn_runs, checkpoints", [
+    (5, False, 15.0, [10, 10, 10, 10, 40, 10, 10, 10, 10, 40], 2, 5),  # saves after epochs 2, 4, 5, 7, 9
+    (10, True, 35.0, [40, 10, 10, 40], 1, 1),  # after epoch 1 (0 if the compile were left out)
+])
+def test_checkpoints_count_the_knn_and_compile_on_the_epochs_that_pay_them(
+        monkeypatch, knn_every, compile_, checkpoint_seconds, epoch_seconds, knn_runs, checkpoints):
+    # 10 s epochs; the kNN monitor (1,000 images at 1000/30 a second: 30 s) runs after every knn_every-th epoch and
+    # the last, and compile (30 s) is paid in the first step: run_epochs' clock sees them in those epochs only, not
+    # spread over all (in the first case a mean epoch of 16 s would save after every one but the last, 9).
+    rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 200.0, "augment_views_per_s": float("inf"),
+                            "infer_images_per_s": 1000 / 30})
+    pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": len(epoch_seconds), "knn_every": knn_every,
+                                  "checkpoint_seconds": checkpoint_seconds, "compile": compile_})
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    row = next(r for r in rows if r["stage"] == "pretrain")
+    assert f"kNN {knn_runs} x, {checkpoints} checkpoints" in row["note"]
+    assert row["seconds"] == pytest.approx(5 + sum(epoch_seconds) + checkpoints * 1)
+    assert run_epochs_saves(monkeypatch, FakeTime(), epoch_seconds, checkpoint_seconds) == checkpoints
 
 
 def test_finetune_checkpoints_counted_per_cell():

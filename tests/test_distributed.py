@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,8 +139,9 @@ def tiny_pretraining(tmp_path, epochs):
 
 
 def torchrun(module, argv):
-    """Start `torchrun --nproc_per_node 2 -m <module> <argv>` in the repository, in a process group of its own (for a
-    signal to reach its workers too); returns the Popen (stderr piped)."""
+    """Start `torchrun --nproc_per_node 2 -m <module> <argv>` in the repository, in a process group of its own (a
+    signal to that group spares pytest; torchrun starts each worker in a session of its own and forwards a signal to
+    them itself); returns the Popen (stderr piped)."""
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", module, *argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -148,10 +150,16 @@ def torchrun(module, argv):
 
 def finished(process, timeout=600):
     """The rest of a torchrun's stderr once it has ended. On a hang (the test fails with the stderr it had) or on
-    any exception, Ctrl-C in pytest too, its whole group is killed, workers too: they are in a session of their own."""
+    any exception, Ctrl-C in pytest too, torchrun's workers (each in a session of its own) and its group are killed."""
     try:
         return process.communicate(timeout=timeout)[1]
     except BaseException as error:
+        try:
+            workers = psutil.Process(process.pid).children(recursive=True)
+        except psutil.Error:  # torchrun has ended already
+            workers = []
+        for worker in workers:
+            worker.kill()
         os.killpg(process.pid, signal.SIGKILL)
         rest = process.communicate()[1]
         if isinstance(error, subprocess.TimeoutExpired):
@@ -184,7 +192,7 @@ def test_two_process_pretraining_writes_one_set_of_outputs(tmp_path):
 
 
 def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
-    """Ctrl-C reaches every process of the group (and torchrun forwards it again): all ranks
+    """Ctrl-C reaches torchrun, which forwards it to every worker (each in a session of its own): all ranks
     stop at the same step, rank 0 saves the checkpoint, and a rerun ends like an unbroken run."""
     tiny_pretraining(tmp_path, epochs=3)
     reference = torchrun_pretrain(tmp_path, tmp_path / "reference")
@@ -195,7 +203,7 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resumes(tmp_path):
     for line in process.stderr:
         lines.append(line)
         if line.startswith("pretrain epoch 1/3:"):
-            os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+            os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: torchrun's group, not its workers
             break
     lines.append(finished(process, timeout=120))
     assert process.returncode != 0

@@ -123,7 +123,7 @@ def test_sections_are_typed_and_only_the_loaded_ones_are_set(tmp_path):
 def test_a_single_key_loads_its_whole_section_but_gives_only_itself(tmp_path):
     path = write_params(tmp_path / "params.yaml", **TINY)
     p = params.load(path, "model", "finetune.seeds")
-    assert isinstance(p.finetune, params.FinetuneParams)  # the whole section is checked; only the named key is kept
+    assert isinstance(p.finetune, params.FinetuneParams)  # a FinetuneParams holding only the named key
     assert p.as_dict() == {"model": p.model.model_dump(), "finetune": {"seeds": p.finetune.seeds}}
     with pytest.raises(AttributeError):  # a key dvc.yaml does not list for the stage cannot be read
         p.finetune.lr

@@ -4,7 +4,6 @@
 run) and the study's settings into one row per DVC stage: the images it pushes through the
 network and its expected seconds. Nothing here times anything; it only multiplies.
 """
-import math
 from dataclasses import dataclass
 
 
@@ -40,14 +39,15 @@ class Study:
     finetune: object  # params' FinetuneParams
 
 
-def _checkpoints(epochs, epoch_s, seconds):
-    """The checkpoints run_epochs saves: at an epoch's end once `seconds` have passed since the last save (0: at
-    every one), never after the last epoch; so after every k-th epoch, k = ceil(seconds / epoch_s): (epochs - 1) // k.
-    epoch_s: an epoch's mean seconds on run_epochs' clock (the kNN monitor's share included). Epochs of no steps
-    (fewer images than a batch: the stage refuses them) take no time, so no save is due in them unless at 0."""
-    if seconds == 0:
-        return epochs - 1
-    return (epochs - 1) // math.ceil(seconds / epoch_s) if epoch_s > 0 else 0
+def _checkpoints(epoch_seconds, seconds):
+    """The checkpoints run_epochs saves, given each epoch's seconds on its clock (the kNN monitor's where it runs): at
+    an epoch's end once `seconds` have passed since the last save (0: at every one), never after the last epoch."""
+    saves, since = 0, 0.0
+    for epoch_s in epoch_seconds[:-1]:
+        since += epoch_s
+        if since >= seconds:
+            saves, since = saves + 1, 0.0
+    return saves
 
 
 def _pretrain(rates, s):
@@ -55,12 +55,13 @@ def _pretrain(rates, s):
     steps = (s.train_images + s.unlabeled_images) // p.batch_size
     views = p.epochs * steps * p.batch_size * 2
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
-    knn_runs = p.epochs // p.knn_every + (p.epochs % p.knn_every != 0)
-    knn_s = knn_runs * s.train_images / rates.infer_images_per_s
-    checkpoints = _checkpoints(p.epochs, epoch_s + knn_s / p.epochs, p.checkpoint_seconds)
-    seconds = (rates.stage_start_s + rates.compile_s * p.compile + p.epochs * epoch_s + knn_s
-               + checkpoints * rates.checkpoint_s)
-    note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {knn_runs} x, {checkpoints} checkpoints"
+    knn_due = [epoch % p.knn_every == 0 or epoch == p.epochs for epoch in range(1, p.epochs + 1)]  # as finish_epoch
+    knn_each = s.train_images / rates.infer_images_per_s  # one kNN run embeds the pool and validation images
+    clock = [epoch_s + knn_each * due for due in knn_due]  # each epoch's seconds on run_epochs' clock
+    clock[0] += rates.compile_s * p.compile  # the first step compiles
+    checkpoints = _checkpoints(clock, p.checkpoint_seconds)
+    seconds = rates.stage_start_s + sum(clock) + checkpoints * rates.checkpoint_s
+    note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {sum(knn_due)} x, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
     return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
 
@@ -69,14 +70,17 @@ def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
     images, train_s, checkpoints = 0, 0.0, 0
+    compile_s = rates.compile_s * p.compile  # one classifier serves every cell: compiled in the first cell's first step
     for fraction in s.fractions:
         labeled = max(1, round(fraction * pool))
         steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
-        images += s.seeds * p.max_epochs * steps * p.batch_size
-        train_s += s.seeds * (p.max_epochs * epoch_s + s.test_images / rates.infer_images_per_s)  # epochs, then test
-        checkpoints += s.seeds * _checkpoints(p.max_epochs, epoch_s, p.checkpoint_seconds)  # run_epochs per cell
-    seconds = rates.stage_start_s + rates.compile_s * p.compile + train_s + checkpoints * rates.checkpoint_s
+        for _ in range(s.seeds):
+            clock, compile_s = [compile_s + epoch_s] + [epoch_s] * (p.max_epochs - 1), 0.0  # a cell's run_epochs
+            images += p.max_epochs * steps * p.batch_size
+            train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
+            checkpoints += _checkpoints(clock, p.checkpoint_seconds)
+    seconds = rates.stage_start_s + train_s + checkpoints * rates.checkpoint_s
     note = (f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
     return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}

@@ -238,7 +238,7 @@ def load(path, *names: str) -> Params:
     chosen, singles = {}, {}
     for name in names:
         section, dot, key = name.partition(".")
-        if dot:
+        if dot and section not in names:  # a section also named whole stays whole
             singles.setdefault(section, []).append(key)  # {section: its singly named keys}
         if section in chosen:
             continue
@@ -255,9 +255,8 @@ def load(path, *names: str) -> Params:
         raise UserError(_first_error(path, error, chosen)) from None
     narrowed = {}  # each section named only by single keys, as a copy holding only those keys
     for section, keys in singles.items():
-        if section not in names:  # a section also named whole stays whole
-            whole = getattr(loaded, section)
-            narrowed[section] = type(whole).model_construct(**{key: getattr(whole, key) for key in keys})
+        whole = getattr(loaded, section)
+        narrowed[section] = type(whole).model_construct(**{key: getattr(whole, key) for key in keys})
     return loaded.model_copy(update=narrowed)
 
 

@@ -302,9 +302,10 @@ class Checkpoint:
 class StopSignal:
     """Turns the first SIGINT/SIGTERM into a flag that the loop checks between steps.
 
-    A second signal stops at once, unless it comes within `grace_s` of the first: Ctrl-C
-    under torchrun reaches each worker twice (from the terminal and from torchrun's agent),
-    and that must still end with a checkpoint.
+    A second signal stops at once, unless it comes within `grace_s` of the first: one Ctrl-C
+    can reach a worker twice (from the terminal and from a launcher that forwards it, where the
+    workers share the terminal's process group; torchrun's sit in sessions of their own and get
+    only its forward), and that must still end with a checkpoint.
     """
 
     grace_s = 2.0
