@@ -4,10 +4,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from stages.lib import sources
 from stages.lib.cli import UserError
-from tests.test_sources import numbered_flat_folder
+from tests.conftest import make_archive
+from tests.test_sources import encode, numbered_flat_folder
 
 
 def tar_reads_as_folder(tmp_path, root, name, arcname):
@@ -39,10 +41,9 @@ def test_links_in_an_archive_read_as_their_targets_and_a_dangling_one_stops(tmp_
     assert len(expected.train[0]) + len(expected.test[0]) == 27
     (root / "rose/soft.png").unlink()
     (root / "rose/soft.png").symlink_to("missing.png")
-    with tarfile.open(tmp_path / "dangling.tgz", "w:gz") as archive:
-        archive.add(root, arcname="flowers")
-    with pytest.raises(UserError, match=r"dangling.tgz: flowers/rose/soft.png is a link to missing.png, which is no "):
-        sources.read_source(str(tmp_path / "dangling.tgz"), 24, 0.2, 7, tmp_path / "dl")
+    make_archive(root.parent, tmp_path / "dangle.tar.gz")
+    with pytest.raises(UserError, match=r"dangle.tar.gz: flowers/rose/soft.png is a link to missing.png, which is no"):
+        sources.read_source(str(tmp_path / "dangle.tar.gz"), 24, 0.2, 7, tmp_path / "dl")
 
 
 def test_a_dangling_link_the_copy_ignores_reads_as_the_folder_does(tmp_path):
@@ -58,15 +59,34 @@ def test_a_dangling_link_the_copy_ignores_reads_as_the_folder_does(tmp_path):
     assert len(expected.train[0]) + len(expected.test[0]) == 27
 
 
-def test_a_symbolic_link_before_its_target_reads_and_a_loop_of_links_stops(tmp_path):
+def test_a_symbolic_link_before_its_target_reads_and_a_loop_of_links_stops(tmp_path, monkeypatch):
     """tar stores a folder's entries in the order the file system lists them, so a link may come before its target;
-    a link to itself is a loop, which stops with one line as a dangling link does."""
+    it reads the target's bytes, not the archive again (gzip would decompress it again to seek back). A link to
+    itself is a loop, which stops with one line as a dangling link does."""
     root = numbered_flat_folder(tmp_path / "flat")
     (root / "daisy/000a.png").symlink_to("009.png")  # sorted before 009.png, as tarfile.add stores it
+    extracted, extractfile = [], tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda archive, member: extracted.append(member.name) or extractfile(archive, member))
     expected = tar_reads_as_folder(tmp_path, root, "early.tgz", arcname="flowers")
     assert len(expected.train[0]) + len(expected.test[0]) == 26
+    assert "flowers/daisy/009.png" in extracted and "flowers/daisy/000a.png" not in extracted
     (root / "rose/loop.png").symlink_to("loop.png")
-    with tarfile.open(tmp_path / "loop.tgz", "w:gz") as archive:
-        archive.add(root, arcname="flowers")
-    with pytest.raises(UserError, match=r"loop.tgz: flowers/rose/loop.png is a link to loop.png, .*a loop of links"):
-        sources.read_source(str(tmp_path / "loop.tgz"), 24, 0.2, 7, tmp_path / "dl")
+    make_archive(root.parent, tmp_path / "loop.tar.gz")
+    with pytest.raises(UserError, match=r"loop.tar.gz: flowers/rose/loop.png is a link to loop.png, .*a loop of links"):
+        sources.read_source(str(tmp_path / "loop.tar.gz"), 24, 0.2, 7, tmp_path / "dl")
+
+
+def test_a_name_stored_twice_reads_as_its_last_copy(tmp_path):
+    """`tar -r` appends a changed file under the same name; the archive reads as `tar -x` leaves it: the last copy,
+    once (not both, which could land one in training and one in the test set)."""
+    root = numbered_flat_folder(tmp_path / "flat")
+    archive_path = make_archive(root.parent, tmp_path / "twice.tar")
+    (root / "daisy/000.png").write_bytes(encode(Image.new("L", (40, 30), 200), "PNG"))
+    with tarfile.open(archive_path, "a") as archive:
+        archive.add(root / "daisy/000.png", arcname="flowers/daisy/000.png")
+    found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
+    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
+    for got, want in zip(found.train + found.test, expected.train + expected.test):
+        np.testing.assert_array_equal(got, want)
+    assert 200 in expected.train[0][:, 0, 0, 0].tolist() + expected.test[0][:, 0, 0, 0].tolist()

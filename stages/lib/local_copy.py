@@ -33,45 +33,47 @@ def archive_files(path):
 
 
 def _tar_files(path):
-    """Files first, then links: a link's target has then been read (a symbolic link may come before it)."""
+    """Each file once (a name stored twice, as `tar -r` leaves it, reads as its last copy, as `tar -x` leaves it),
+    then each link as its target's bytes: every file is read before any link, since a symbolic link may come before
+    its target. So every file's bytes, ignored ones too, are held until the archive is done."""
     with tarfile.open(path, "r:*") as archive:
-        read, links = {}, []  # read: a member's normalised name -> its bytes, for a link to it
+        read, links, folders = {}, {}, set()  # by a member's normalised name: a file's bytes, a link's member
         for member in archive:
+            name = posixpath.normpath(member.name)
             if member.isdir():
-                yield PurePosixPath(member.name), None
+                folders.add(name)
+                yield PurePosixPath(name), None
             elif member.islnk() or member.issym():
-                links.append(member)
-            elif (reader := _tar_reader(archive, member, read, path)) is not None:  # None: a device, a fifo
-                yield PurePosixPath(member.name), reader
-        for member in links:
-            if (reader := _tar_reader(archive, member, read, path)) is not None:  # None: a link to a folder
-                yield PurePosixPath(member.name), reader
+                links[name] = member
+            elif member.isfile():  # not a device or a fifo
+                read[name] = archive.extractfile(member).read()
         # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
         archive.fileobj.seek(archive.offset)
         if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
+    for name, data in read.items():
+        yield PurePosixPath(name), (lambda data=data: data)
+    for name, member in links.items():
+        if (reader := _link_reader(member, read, links, folders, path)) is not None:
+            yield PurePosixPath(name), reader
 
 
-def _tar_reader(archive, member, read, path):
-    """A member's reader (a link's reads its target, as a folder reads it); None: a device, a link to a folder.
-    A target already in `read` is not read again (gzip would decompress the archive again to seek back to it), so
-    `read` holds every file's bytes, ignored ones too, until the archive is done. A link to no file in the archive
-    (or a loop of links) stops with one line when read, as a folder's does."""
-    data = None
-    if member.islnk() or member.issym():
+def _link_reader(link, read, links, folders, path):
+    """A link's reader: its target's bytes, through links to links, as a folder reads it; None: a link to a folder.
+    A link to no file in the archive (or a loop of links) stops with one line when read, as a folder's does."""
+    member, seen = link, set()
+    while True:
         folder = "" if member.islnk() else posixpath.dirname(member.name)  # a symbolic link's target is relative
-        data = read.get(posixpath.normpath(posixpath.join(folder, member.linkname)))
-    if data is None:
-        try:
-            file = archive.extractfile(member)
-        except (KeyError, RecursionError):  # tarfile's lookup of the target: not found, or a loop of links
-            return partial(_dangling, f"data.source: {path}: {member.name} is a link to {member.linkname}, "
-                                      "which is no file in the archive (or a loop of links)")
-        if file is None:
+        target = posixpath.normpath(posixpath.join(folder, member.linkname))
+        if target in read:
+            return lambda data=read[target]: data
+        if target in folders:
             return None
-        data = file.read()
-    read[posixpath.normpath(member.name)] = data
-    return lambda: data
+        if target in seen or target not in links:
+            return partial(_dangling, f"data.source: {path}: {link.name} is a link to {link.linkname}, "
+                                      "which is no file in the archive (or a loop of links)")
+        seen.add(target)
+        member = links[target]
 
 
 def _dangling(message):
