@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages.bench import augmentation_ops
+from stages.bench import augmentation_ops, study_from
 from stages.lib import budget, train
 from stages.lib import params as params_lib
 from stages.lib.simclr import SimCLR
-from tests.conftest import STANDARDIZE, run_module, save_data, synthetic_images, write_params
+from tests.conftest import REPO, STANDARDIZE, run_module, save_data, synthetic_images, write_params
 
 RATES = budget.Rates(train_views_per_s=1000, augment_views_per_s=4000, infer_images_per_s=2000,
                      decode_images_per_s=100, stage_start_s=5, compile_s=30, checkpoint_s=1, evaluate_s=7)
@@ -98,6 +98,7 @@ def run_epochs_saves(monkeypatch, clock, epoch_seconds, checkpoint_seconds):
 @pytest.mark.parametrize("knn_every, compile_, checkpoint_seconds, epoch_seconds, knn_runs, checkpoints", [
     (5, False, 15.0, [10, 10, 10, 10, 40, 10, 10, 10, 10, 40], 2, 5),  # saves after epochs 2, 4, 5, 7, 9
     (10, True, 35.0, [40, 10, 10, 40], 1, 1),  # after epoch 1 (0 if the compile were left out)
+    (10, True, 45.0, [40, 10, 40], 1, 1),  # after epoch 2 (0 if the compile were left out or spread over all)
 ])
 def test_checkpoints_count_the_knn_and_compile_on_the_epochs_that_pay_them(
         monkeypatch, knn_every, compile_, checkpoint_seconds, epoch_seconds, knn_runs, checkpoints):
@@ -115,14 +116,17 @@ def test_checkpoints_count_the_knn_and_compile_on_the_epochs_that_pay_them(
     assert run_epochs_saves(monkeypatch, FakeTime(), epoch_seconds, checkpoint_seconds) == checkpoints
 
 
-def test_finetune_checkpoints_counted_per_cell():
+@pytest.mark.parametrize("checkpoint_seconds, checkpoints", [(1.0, 4), (2.0, 1)])
+def test_finetune_checkpoints_counted_per_cell(checkpoint_seconds, checkpoints):
     # Each cell is one run_epochs (as counted above): 3 epochs of 8 steps x 100 images at 1,000/s + 200 validation
-    # images at 2,000/s = 0.9 s; with checkpoint_seconds 1 a save after epoch 2 only, so 1 a cell, 4 cells.
-    finetune = SimpleNamespace(**{**vars(FINETUNE), "checkpoint_seconds": 1.0})
+    # images at 2,000/s = 0.9 s, and the first cell's first epoch also compiles the one classifier (30 s): 30.9 s.
+    # checkpoint_seconds 1: the first cell saves after epoch 1, the others after epoch 2, 1 a cell, 4 cells;
+    # 2: only the first cell saves, after epoch 1 (none if the compile were left out of its clock).
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "checkpoint_seconds": checkpoint_seconds})
     rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, 1, PRETRAIN, finetune))
     row = next(r for r in rows if r["stage"].startswith("finetune"))
-    assert ", 4 checkpoints" in row["note"]
-    assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + 4 * 1)
+    assert f", {checkpoints} checkpoints" in row["note"]
+    assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + checkpoints * 1)
 
 
 def test_fewer_images_than_a_batch_take_no_pretraining_time_and_no_checkpoint():
@@ -155,6 +159,17 @@ def test_fewer_labels_train_fewer_steps_without_equal_steps():
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100
+
+
+def test_readme_budget_table_is_the_budget_of_params_yaml_on_its_figures():
+    """README's table is study_budget's, from README's figures and the default params.yaml on CIFAR-10's counts."""
+    rates = budget.Rates(train_views_per_s=67_700, augment_views_per_s=1_000_000, infer_images_per_s=200_000,
+                         decode_images_per_s=6_300, stage_start_s=5, compile_s=40, checkpoint_s=0.5, evaluate_s=2)
+    p = params_lib.load(REPO / "params.yaml", "fraction", "data", "model", "pretrain", "finetune")  # as bench
+    study = study_from(p, SimpleNamespace(images={"train": 50_000, "test": 10_000}, unlabeled=0))
+    table = budget.format_budget(*budget.study_budget(rates, study))
+    readme = (REPO / "README.md").read_text().splitlines()
+    assert [line for line in table.splitlines() if line not in readme] == []
 
 
 def test_benchmark_prints_its_figures_and_the_budget(tmp_path):

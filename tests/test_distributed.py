@@ -1,5 +1,6 @@
 """torchrun/DDP on the CPU (gloo): two processes equal one process on the whole batch, they agree on
 when to checkpoint, and a 2-process pretraining writes exactly one set of outputs."""
+import contextlib
 import json
 import os
 import signal
@@ -159,7 +160,8 @@ def finished(process, timeout=600):
         except psutil.Error:  # torchrun has ended already
             workers = []
         for worker in workers:
-            worker.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):  # it ended meanwhile (a Ctrl-C reaches the workers)
+                worker.kill()
         os.killpg(process.pid, signal.SIGKILL)
         rest = process.communicate()[1]
         if isinstance(error, subprocess.TimeoutExpired):

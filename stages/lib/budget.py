@@ -6,6 +6,8 @@ network and its expected seconds. Nothing here times anything; it only multiplie
 """
 from dataclasses import dataclass
 
+from stages.lib.pretraining import knn_due
+
 
 @dataclass(frozen=True)
 class Rates:
@@ -40,8 +42,9 @@ class Study:
 
 
 def _checkpoints(epoch_seconds, seconds):
-    """The checkpoints run_epochs saves, given each epoch's seconds on its clock (the kNN monitor's where it runs): at
-    an epoch's end once `seconds` have passed since the last save (0: at every one), never after the last epoch."""
+    """The checkpoints run_epochs saves, given each epoch's seconds on its clock (the kNN monitor's and compile's in
+    the epochs that pay them): at an epoch's end once `seconds` have passed since the last save (0: at every one),
+    never after the last epoch."""
     saves, since = 0, 0.0
     for epoch_s in epoch_seconds[:-1]:
         since += epoch_s
@@ -55,13 +58,13 @@ def _pretrain(rates, s):
     steps = (s.train_images + s.unlabeled_images) // p.batch_size
     views = p.epochs * steps * p.batch_size * 2
     epoch_s = 2 * steps * p.batch_size * (1 / rates.train_views_per_s + 1 / rates.augment_views_per_s)
-    knn_due = [epoch % p.knn_every == 0 or epoch == p.epochs for epoch in range(1, p.epochs + 1)]  # as finish_epoch
+    knn_runs = [knn_due(epoch, p.epochs, p.knn_every) for epoch in range(1, p.epochs + 1)]
     knn_each = s.train_images / rates.infer_images_per_s  # one kNN run embeds the pool and validation images
-    clock = [epoch_s + knn_each * due for due in knn_due]  # each epoch's seconds on run_epochs' clock
+    clock = [epoch_s + knn_each * due for due in knn_runs]  # each epoch's seconds on run_epochs' clock
     clock[0] += rates.compile_s * p.compile  # the first step compiles
     checkpoints = _checkpoints(clock, p.checkpoint_seconds)
     seconds = rates.stage_start_s + sum(clock) + checkpoints * rates.checkpoint_s
-    note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {sum(knn_due)} x, {checkpoints} checkpoints"
+    note = (f"{p.epochs} epochs x {epoch_s:.2f} s, kNN {sum(knn_runs)} x, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
     return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
 
@@ -76,7 +79,9 @@ def _finetune(rates, s):
         steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         for _ in range(s.seeds):
-            clock, compile_s = [compile_s + epoch_s] + [epoch_s] * (p.max_epochs - 1), 0.0  # a cell's run_epochs
+            clock = [epoch_s] * p.max_epochs  # a cell's run_epochs
+            clock[0] += compile_s
+            compile_s = 0.0
             images += p.max_epochs * steps * p.batch_size
             train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
             checkpoints += _checkpoints(clock, p.checkpoint_seconds)

@@ -41,6 +41,11 @@ class Method(ABC):
         """V: views of each image the network sees per step."""
 
 
+def knn_due(epoch, epochs, every):
+    """Whether the kNN monitor runs after this epoch (counted from 1): every `every`-th one and the last."""
+    return epoch % every == 0 or epoch == epochs
+
+
 class PretrainTask(train.Task):
     """One pretraining run of `method` on `images` (uint8 (N, 3, H, W) on the device) from `backbone`.
     `cfg` is params' PretrainParams; `monitor(backbone)` -> accuracy; `on_epoch(row)` logs each epoch."""
@@ -71,8 +76,7 @@ class PretrainTask(train.Task):
         return train.optimize(self.optimizer, self.method.loss(outputs, self.local))
 
     def finish_epoch(self, epoch, mean_loss, seconds):
-        last = epoch + 1 == self.cfg.epochs
-        due = (epoch + 1) % self.cfg.knn_every == 0 or last
+        due = knn_due(epoch + 1, self.cfg.epochs, self.cfg.knn_every)
         knn = self.monitor(self.model.backbone) if due and distributed.is_main() else None
         images_per_second = self.steps_per_epoch * self.images_per_step / seconds
         views_per_second = self.method.views_per_image * images_per_second  # what the network sees
