@@ -1,6 +1,7 @@
 """A local copy's files (stages/lib/local_copy.py): a tar archive reads as the folder it was made of."""
 import os
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -90,3 +91,35 @@ def test_a_name_stored_twice_reads_as_its_last_copy(tmp_path):
     for got, want in zip(found.train + found.test, expected.train + expected.test):
         np.testing.assert_array_equal(got, want)
     assert 200 in expected.train[0][:, 0, 0, 0].tolist() + expected.test[0][:, 0, 0, 0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["tar, a link last", "zip"])
+def test_a_name_stored_twice_as_a_link_or_in_a_zip_reads_as_its_last_copy(tmp_path, kind):
+    """A file replaced by a link reads as the link (not as both); a zip reads its last copy too."""
+    root = numbered_flat_folder(tmp_path / "flat")
+    archive_path = make_archive(root.parent, tmp_path / ("twice.zip" if kind == "zip" else "twice.tar"))
+    changed = root / "daisy/000.png"
+    if kind == "zip":
+        changed.write_bytes(encode(Image.new("L", (40, 30), 200), "PNG"))
+        with zipfile.ZipFile(archive_path, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+            archive.write(changed, "flowers/daisy/000.png")
+    else:
+        changed.unlink()
+        changed.symlink_to("001.png")
+        with tarfile.open(archive_path, "a") as archive:
+            archive.add(changed, arcname="flowers/daisy/000.png")
+    found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
+    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
+    assert len(found.train[0]) + len(found.test[0]) == 25
+    for got, want in zip(found.train + found.test, expected.train + expected.test):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_broken_chain_of_links_names_where_it_breaks(tmp_path):
+    root = numbered_flat_folder(tmp_path / "flat")
+    (root / ".cache").mkdir()
+    (root / ".cache/y.png").symlink_to("gone.png")
+    (root / "daisy/x.png").symlink_to("../.cache/y.png")
+    make_archive(root.parent, tmp_path / "chain.tar")
+    with pytest.raises(UserError, match=r"daisy/x.png is a link to ../.cache/y.png, .*none at flowers/.cache/gone.png"):
+        sources.read_source(str(tmp_path / "chain.tar"), 24, 0.2, 7, tmp_path / "dl")

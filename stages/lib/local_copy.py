@@ -33,47 +33,45 @@ def archive_files(path):
 
 
 def _tar_files(path):
-    """Each file once (a name stored twice, as `tar -r` leaves it, reads as its last copy, as `tar -x` leaves it),
-    then each link as its target's bytes: every file is read before any link, since a symbolic link may come before
-    its target. So every file's bytes, ignored ones too, are held until the archive is done."""
+    """Each name once, as its last copy (a name stored twice, as `tar -r` leaves it, file or link, reads as `tar -x`
+    leaves it); a link reads as its target's bytes: every file is read before any link is followed, since a symbolic
+    link may come before its target. So every file's bytes, ignored ones too, are held until the archive is done."""
     with tarfile.open(path, "r:*") as archive:
-        read, links, folders = {}, {}, set()  # by a member's normalised name: a file's bytes, a link's member
+        stored, folders = {}, set()  # by a member's normalised name: a file's bytes or a link's member
         for member in archive:
             name = posixpath.normpath(member.name)
             if member.isdir():
                 folders.add(name)
                 yield PurePosixPath(name), None
             elif member.islnk() or member.issym():
-                links[name] = member
+                stored[name] = member
             elif member.isfile():  # not a device or a fifo
-                read[name] = archive.extractfile(member).read()
+                stored[name] = archive.extractfile(member).read()
         # tarfile takes a cut-off header for the end; a whole archive ends with zero blocks.
         archive.fileobj.seek(archive.offset)
         if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
-    for name, data in read.items():
-        yield PurePosixPath(name), (lambda data=data: data)
-    for name, member in links.items():
-        if (reader := _link_reader(member, read, links, folders, path)) is not None:
+    for name, entry in stored.items():
+        if (reader := _link_reader(entry, stored, folders, path)) is not None:
             yield PurePosixPath(name), reader
 
 
-def _link_reader(link, read, links, folders, path):
-    """A link's reader: its target's bytes, through links to links, as a folder reads it; None: a link to a folder.
-    A link to no file in the archive (or a loop of links) stops with one line when read, as a folder's does."""
-    member, seen = link, set()
-    while True:
-        folder = "" if member.islnk() else posixpath.dirname(member.name)  # a symbolic link's target is relative
-        target = posixpath.normpath(posixpath.join(folder, member.linkname))
-        if target in read:
-            return lambda data=read[target]: data
+def _link_reader(entry, stored, folders, path):
+    """A stored entry's reader: a file's bytes, or a link's target's bytes through links to links, as a folder reads
+    it; None: a link to a folder the archive stores. A link to no file in the archive (or a loop of links) stops with
+    one line when read, as a folder's does."""
+    link, seen = entry, set()
+    while not isinstance(entry, bytes):
+        folder = "" if entry.islnk() else posixpath.dirname(entry.name)  # a symbolic link's target is relative
+        target = posixpath.normpath(posixpath.join(folder, entry.linkname))
         if target in folders:
             return None
-        if target in seen or target not in links:
-            return partial(_dangling, f"data.source: {path}: {link.name} is a link to {link.linkname}, "
-                                      "which is no file in the archive (or a loop of links)")
+        if target in seen or target not in stored:
+            return partial(_dangling, f"data.source: {path}: {link.name} is a link to {link.linkname}, which is no "
+                                      f"file in the archive (none at {target}, or a loop of links)")
         seen.add(target)
-        member = links[target]
+        entry = stored[target]
+    return lambda data=entry: data
 
 
 def _dangling(message):
@@ -82,7 +80,8 @@ def _dangling(message):
 
 def _zip_files(path):
     with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
+        # a name stored twice (zipfile's mode "a" appends one) reads as its last copy, as `unzip -o` leaves it
+        for info in {info.filename: info for info in archive.infolist()}.values():
             if info.is_dir():
                 yield PurePosixPath(info.filename), None
             else:
