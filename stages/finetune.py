@@ -14,7 +14,7 @@ import torch
 from stages.lib import distributed, params, prepared, train, tracking
 from stages.lib.augment import Standardize
 from stages.lib.cli import UserError, log, run_stage
-from stages.lib.finetuning import FinetuneTask, build_classifier
+from stages.lib.finetuning import FinetuneTask, build_classifier, steps_per_epoch
 from stages.lib.io import atomic_path, read_json, sha256, write_csv, write_json
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import ResNet, load_into, read_weights, stem_for
@@ -89,7 +89,7 @@ def run_cell(args, p, context, fraction, seed, cell_dir):
     if done.exists() and read_json(done).get("config") == train.fingerprint(config):
         log(f"finetune {args.mode} {key}: already done in {cell_dir}")
         return
-    steps = max(1, (context["pool"] if cfg.equal_steps else len(labeled)) // cfg.batch_size)
+    steps = steps_per_epoch(context["pool"], len(labeled), cfg.batch_size, cfg.equal_steps)
     # Every cell of a seed starts from the same weights: the seed's own for the baseline.
     start = functools.partial(load_into, saved=context["saved"], seed=seed, path=args.init)
     data = {**{k: context[k] for k in ("images", "labels", "val_x", "val_y")},

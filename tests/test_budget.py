@@ -15,7 +15,8 @@ from tests.conftest import REPO, STANDARDIZE, run_module, save_data, synthetic_i
 RATES = budget.Rates(train_views_per_s=1000, augment_views_per_s=4000, infer_images_per_s=2000,
                      decode_images_per_s=100, stage_start_s=5, compile_s=30, checkpoint_s=1, evaluate_s=7)
 PRETRAIN = SimpleNamespace(epochs=4, batch_size=100, knn_every=2, checkpoint_seconds=2.0, compile=False)
-FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, checkpoint_seconds=60.0, compile=True)
+FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, checkpoint_seconds=60.0, compile=True,
+                           head_epochs=0)
 
 
 def test_budget_rows_are_worked_by_hand():
@@ -129,6 +130,16 @@ def test_finetune_checkpoints_counted_per_cell(checkpoint_seconds, checkpoints):
     assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + checkpoints * 1)
 
 
+@pytest.mark.parametrize("head_epochs, compiles", [(0, 1), (1, 2), (3, 1)])
+def test_finetune_compiles_again_where_the_backbone_unfreezes(head_epochs, compiles):
+    # The 4 cells of the case above (11.2 s; no checkpoint at 1,000 s): torch.compile guards on train/eval, so the
+    # first cell compiles again (30 s) after head_epochs, unless the backbone stays frozen all 3 epochs.
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "head_epochs": head_epochs, "checkpoint_seconds": 1000.0})
+    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, 1, PRETRAIN, finetune))
+    row = next(r for r in rows if r["stage"].startswith("finetune"))
+    assert row["seconds"] == pytest.approx(5 + compiles * 30 + 11.2)
+
+
 def test_fewer_images_than_a_batch_take_no_pretraining_time_and_no_checkpoint():
     # 50 images, batch 100: no SimCLR step (the pretrain stage refuses this study; bench still prints its budget)
     rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, 1, PRETRAIN, FINETUNE))
@@ -170,6 +181,9 @@ def test_readme_budget_table_is_the_budget_of_params_yaml_on_its_figures():
     table = budget.format_budget(*budget.study_budget(rates, study))
     readme = (REPO / "README.md").read_text().splitlines()
     assert [line for line in table.splitlines() if line not in readme] == []
+    figures = ("67,700 views/s", "1,000,000 views/s", "200,000 images/s", "6,300 images/s", "| 5 s |", "40 s / 0.5 s",
+               "| 2 s |")  # the figures above, as README's figures table gives them
+    assert [figure for figure in figures if figure not in "\n".join(readme)] == []
 
 
 def test_benchmark_prints_its_figures_and_the_budget(tmp_path):

@@ -159,8 +159,8 @@ def finished(process, timeout=600):
             workers = psutil.Process(process.pid).children(recursive=True)
         except psutil.Error:  # torchrun has ended already
             workers = []
-        for worker in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):  # it ended meanwhile (a Ctrl-C reaches the workers)
+        for worker in workers:  # one may have ended meanwhile: torchrun stops them on a signal or a failed rank
+            with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
         os.killpg(process.pid, signal.SIGKILL)
         rest = process.communicate()[1]

@@ -118,14 +118,14 @@ def test_a_method_must_give_every_part():
         Incomplete()
 
 
-def make_task(tmp_path, epochs=3):
+def make_task(tmp_path, epochs=3, knn_every=1):
     x, y = synthetic_images(16, seed=0)
     images = train.images_to_device(x, torch.device("cpu"))
     labels = torch.from_numpy(y)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_params(tmp_path / "params.yaml", **{
         "pretrain.epochs": epochs, "pretrain.batch_size": 32, "pretrain.compile": False,
-        "pretrain.proj_hidden": 32, "pretrain.warmup_epochs": 1, "pretrain.knn_every": 1,
+        "pretrain.proj_hidden": 32, "pretrain.warmup_epochs": 1, "pretrain.knn_every": knn_every,
     })
     p = params_lib.load(path, "pretrain").pretrain
     monitor = KNNMonitor(images[::2], labels[::2], images[1::2], labels[1::2], 10, STANDARDIZE, p.knn_k,
@@ -136,9 +136,9 @@ def make_task(tmp_path, epochs=3):
     return task, p
 
 
-def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
+def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3, knn_every=1):
     """Run (or resume) a tiny pretraining; optionally send SIGINT or crash at (epoch, step)."""
-    task, p = make_task(tmp_path, epochs)
+    task, p = make_task(tmp_path, epochs, knn_every)
     interrupt_steps(task, stop_at, crash_at)
     checkpoint = train.Checkpoint(tmp_path / "ck.pt", {"p": p.model_dump()})
     train.run_epochs(task, p.epochs, checkpoint, 0, "pretrain")
@@ -148,6 +148,12 @@ def pretrain(tmp_path, stop_at=None, crash_at=None, epochs=3):
 def test_pretraining_loss_decreases(tmp_path):
     losses = [row["loss"] for row in pretrain(tmp_path, epochs=4).history]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("epochs, knn_runs", [(4, [False, True, False, True]), (3, [False, True, True])])
+def test_the_knn_monitor_runs_every_knn_every_epochs_and_after_the_last(tmp_path, epochs, knn_runs):
+    history = pretrain(tmp_path, epochs=epochs, knn_every=2).history
+    assert [row["knn_accuracy"] is not None for row in history] == knn_runs
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):

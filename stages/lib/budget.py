@@ -6,6 +6,7 @@ network and its expected seconds. Nothing here times anything; it only multiplie
 """
 from dataclasses import dataclass
 
+from stages.lib.finetuning import steps_per_epoch
 from stages.lib.pretraining import knn_due
 
 
@@ -72,16 +73,17 @@ def _pretrain(rates, s):
 def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
-    images, train_s, checkpoints = 0, 0.0, 0
-    compile_s = rates.compile_s * p.compile  # one classifier serves every cell: compiled in the first cell's first step
+    images, train_s, checkpoints, first_cell = 0, 0.0, 0, True
+    # One classifier serves every cell: compiled in the first cell's first step, and again where its backbone
+    # unfreezes after head_epochs (torch.compile guards on train/eval; `linear` never unfreezes it).
+    compiles = {0} | ({p.head_epochs} if 0 < p.head_epochs < p.max_epochs else set())
     for fraction in s.fractions:
-        labeled = max(1, round(fraction * pool))
-        steps = max(1, (pool if p.equal_steps else labeled) // p.batch_size)
+        steps = steps_per_epoch(pool, max(1, round(fraction * pool)), p.batch_size, p.equal_steps)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         for _ in range(s.seeds):
-            clock = [epoch_s] * p.max_epochs  # a cell's run_epochs
-            clock[0] += compile_s
-            compile_s = 0.0
+            clock = [epoch_s + rates.compile_s * (p.compile and first_cell and epoch in compiles)
+                     for epoch in range(p.max_epochs)]  # a cell's run_epochs
+            first_cell = False
             images += p.max_epochs * steps * p.batch_size
             train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
             checkpoints += _checkpoints(clock, p.checkpoint_seconds)

@@ -8,7 +8,8 @@ warm-up + cosine schedule that ends at `max_epochs`; the weights of the epoch wi
 accuracy are the ones kept.
 
 One classifier (and its compiled module) serves every cell of a process: `FinetuneTask` loads
-the cell's starting weights into it, so torch.compile runs once, not once per cell.
+the cell's starting weights into it, so torch.compile runs once, not once per cell (twice with
+head_epochs, outside `linear`: it guards on train/eval, and the backbone unfreezes; later cells reuse both).
 """
 import copy
 
@@ -20,6 +21,11 @@ from stages.lib import train
 from stages.lib.augment import SupervisedAugment
 from stages.lib.metrics import classification_metrics
 from stages.lib.models import Classifier
+
+
+def steps_per_epoch(pool, labeled, batch_size, equal_steps):
+    """A cell's steps an epoch: the labeled images' worth, or with equal_steps the whole pool's (every N as long)."""
+    return max(1, (pool if equal_steps else labeled) // batch_size)
 
 
 def build_classifier(backbone, num_classes, mode, cfg, device):
