@@ -52,7 +52,7 @@ def finetune_args(root, case, init, mode="ssl", **params_edits):
 
 
 def evaluate_args(root, case, plots_dir_is_a_file=False, **params_edits):
-    from tests.test_evaluate import fabricate_cell, fabricate_data
+    from tests.test_evaluate import fabricate_cell, fabricate_data, stage_args
 
     base = mkdir(root / case)
     for mode in ("baseline", "ssl"):
@@ -61,9 +61,7 @@ def evaluate_args(root, case, plots_dir_is_a_file=False, **params_edits):
     write_params(base / "params.yaml", **{**TINY, **params_edits})
     if plots_dir_is_a_file:
         (base / "plots").write_text("not a folder")
-    return ["--params", base / "params.yaml", "--finetune", base / "finetune", "--curves", base / "curves",
-            "--data", base / "data", "--pretrain", base / "pretrain.json",
-            "--metrics-dir", base / "metrics", "--plots-dir", base / "plots", "--samples", base / "samples.png"]
+    return stage_args(base)
 
 
 # (id, module, args(project root, case name), exit code, culprits on the last line, outputs

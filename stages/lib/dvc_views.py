@@ -6,12 +6,14 @@ Headline files hold a few numbers each, so that `dvc metrics show` prints one sh
   <key>.json  per label fraction N: {accuracy: {<mode>}, f1: {<mode>} (macro), gain: {accuracy,
               ci_lower, ci_upper, log10_p}}; accuracies are fractions of the test images, the gain is
               SSL - baseline accuracy with its bootstrap interval (comparison.json's ci_low, ci_high)
-              and log10_p the log10 of its primary test's Holm-corrected p (DVC would round 3.5e-27 to 0)
+              and log10_p the log10 of its primary test's Holm-corrected p (DVC would round 3.5e-27 to 0);
+              gain only at an N where ssl and baseline were compared (both ran, on shared seeds)
   study.json  {knn_accuracy, seconds}: SimCLR's final kNN accuracy, and the training seconds of the
               study (SimCLR and every fine-tuning cell)
 Plot files hold percentages and percentage points (columns *_percent, *_points), never an empty cell:
 test_accuracy.csv one row per cell (mode, N, seed; the plots show the seeds' spread), val_accuracy.csv one
-per cell and epoch, ssl_gain.csv one row per N with its interval, Holm-corrected p and number of seeds.
+per cell and epoch, ssl_gain.csv one row per compared N with its interval, Holm-corrected p and number of
+seeds (no file where nothing was compared).
 """
 import math
 
