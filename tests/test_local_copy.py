@@ -1,4 +1,4 @@
-"""A local copy's files (stages/lib/local_copy.py): a tar archive reads as the folder it was made of."""
+"""A local copy's files (stages/lib/local_copy.py): a tar or zip archive reads as the folder it was made of."""
 import os
 import tarfile
 import zipfile
@@ -78,41 +78,45 @@ def test_a_symbolic_link_before_its_target_reads_and_a_loop_of_links_stops(tmp_p
         sources.read_source(str(tmp_path / "loop.tar.gz"), 24, 0.2, 7, tmp_path / "dl")
 
 
-def test_a_name_stored_twice_reads_as_its_last_copy(tmp_path):
-    """`tar -r` appends a changed file under the same name; the archive reads as `tar -x` leaves it: the last copy,
-    once (not both, which could land one in training and one in the test set)."""
+@pytest.mark.parametrize("kind", ["tar", "tar, a link last", "zip", "zip, as ./"])
+def test_a_name_stored_twice_reads_as_its_last_copy(tmp_path, kind):
+    """`tar -r` (or zipfile's mode "a") appends a changed file under the same name; the archive reads as `tar -x`
+    leaves it: the last copy, once (not both, which could land one in training and one in the test set). A file
+    replaced by a link reads as the link; ./a/b and a/b are one name."""
     root = numbered_flat_folder(tmp_path / "flat")
-    archive_path = make_archive(root.parent, tmp_path / "twice.tar")
-    (root / "daisy/000.png").write_bytes(encode(Image.new("L", (40, 30), 200), "PNG"))
-    with tarfile.open(archive_path, "a") as archive:
-        archive.add(root / "daisy/000.png", arcname="flowers/daisy/000.png")
-    found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
-    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
-    for got, want in zip(found.train + found.test, expected.train + expected.test):
-        np.testing.assert_array_equal(got, want)
-    assert 200 in expected.train[0][:, 0, 0, 0].tolist() + expected.test[0][:, 0, 0, 0].tolist()
-
-
-@pytest.mark.parametrize("kind", ["tar, a link last", "zip"])
-def test_a_name_stored_twice_as_a_link_or_in_a_zip_reads_as_its_last_copy(tmp_path, kind):
-    """A file replaced by a link reads as the link (not as both); a zip reads its last copy too."""
-    root = numbered_flat_folder(tmp_path / "flat")
-    archive_path = make_archive(root.parent, tmp_path / ("twice.zip" if kind == "zip" else "twice.tar"))
-    changed = root / "daisy/000.png"
-    if kind == "zip":
-        changed.write_bytes(encode(Image.new("L", (40, 30), 200), "PNG"))
-        with zipfile.ZipFile(archive_path, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
-            archive.write(changed, "flowers/daisy/000.png")
-    else:
+    archive_path = make_archive(root.parent, tmp_path / ("twice.zip" if kind.startswith("zip") else "twice.tar"))
+    changed, name = root / "daisy/000.png", "flowers/daisy/000.png"
+    if kind == "tar, a link last":
         changed.unlink()
         changed.symlink_to("001.png")
+    else:
+        changed.write_bytes(encode(Image.new("L", (40, 30), 200), "PNG"))
+    if kind == "zip":
+        with zipfile.ZipFile(archive_path, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+            archive.write(changed, name)
+    elif kind == "zip, as ./":
+        with zipfile.ZipFile(archive_path, "a") as archive:
+            archive.writestr(f"./{name}", changed.read_bytes())
+    else:
         with tarfile.open(archive_path, "a") as archive:
-            archive.add(changed, arcname="flowers/daisy/000.png")
+            archive.add(changed, arcname=name)
     found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
     expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
     assert len(found.train[0]) + len(found.test[0]) == 25
     for got, want in zip(found.train + found.test, expected.train + expected.test):
         np.testing.assert_array_equal(got, want)
+    if kind != "tar, a link last":  # the folder holds the changed copy
+        assert 200 in expected.train[0][:, 0, 0, 0].tolist() + expected.test[0][:, 0, 0, 0].tolist()
+
+
+def test_a_loop_of_two_links_says_where_it_loops(tmp_path):
+    root = numbered_flat_folder(tmp_path / "flat")
+    (root / "rose/x.png").symlink_to("y.png")
+    (root / "rose/y.png").symlink_to("x.png")
+    make_archive(root.parent, tmp_path / "loop.tar")
+    with pytest.raises(UserError, match=r"rose/(x|y).png is a link to (y|x).png, which is no file in the archive "
+                                        r"\(a loop of links through flowers/rose/\2.png\)$"):
+        sources.read_source(str(tmp_path / "loop.tar"), 24, 0.2, 7, tmp_path / "dl")
 
 
 def test_a_broken_chain_of_links_names_where_it_breaks(tmp_path):

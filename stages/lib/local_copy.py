@@ -58,8 +58,8 @@ def _tar_files(path):
 
 def _link_reader(entry, stored, folders, path):
     """A stored entry's reader: a file's bytes, or a link's target's bytes through links to links, as a folder reads
-    it; None: a link to a folder the archive stores. A link to no file in the archive (or a loop of links) stops with
-    one line when read, as a folder's does."""
+    it; None: a link to a folder the archive stores. A link to no file in the archive, or a loop of links, stops with
+    one line when read (naming where the chain breaks or loops), as a folder's does."""
     link, seen = entry, set()
     while not isinstance(entry, bytes):
         folder = "" if entry.islnk() else posixpath.dirname(entry.name)  # a symbolic link's target is relative
@@ -67,8 +67,9 @@ def _link_reader(entry, stored, folders, path):
         if target in folders:
             return None
         if target in seen or target not in stored:
+            why = f"a loop of links through {target}" if target in seen else f"none at {target}"
             return partial(_dangling, f"data.source: {path}: {link.name} is a link to {link.linkname}, which is no "
-                                      f"file in the archive (none at {target}, or a loop of links)")
+                                      f"file in the archive ({why})")
         seen.add(target)
         entry = stored[target]
     return lambda data=entry: data
@@ -80,10 +81,11 @@ def _dangling(message):
 
 def _zip_files(path):
     with zipfile.ZipFile(path) as archive:
-        # a name stored twice (zipfile's mode "a" appends one) reads as its last copy, as `unzip -o` leaves it
-        for info in {info.filename: info for info in archive.infolist()}.values():
+        # a name stored twice (zipfile's mode "a" appends one) reads as its last copy, as `unzip -o` leaves it;
+        # names normalised as a tar's are (./a/b and a/b are one name)
+        for name, info in {posixpath.normpath(info.filename): info for info in archive.infolist()}.items():
             if info.is_dir():
-                yield PurePosixPath(info.filename), None
+                yield PurePosixPath(name), None
             else:
                 data = archive.read(info)
-                yield PurePosixPath(info.filename), (lambda data=data: data)
+                yield PurePosixPath(name), (lambda data=data: data)
