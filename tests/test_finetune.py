@@ -7,7 +7,7 @@ import torch
 
 from stages import finetune as finetune_stage
 from stages.lib import params as params_lib
-from stages.lib import splits, train
+from stages.lib import budget, splits, train
 from stages.lib.cli import StageError, UserError
 from stages.lib.finetuning import FinetuneTask, build_classifier
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
@@ -38,11 +38,11 @@ def copy_of(backbone):
     return lambda target: target.load_state_dict(state)
 
 
-def make_task(mode, start, p, seed=0, classifier=None):
+def make_task(mode, start, p, seed=0, classifier=None, on_epoch=lambda row: None):
     data = task_data()
     steps = len(data["labeled"]) // p.batch_size
     classifier = classifier or build_classifier(ResNet("resnet18", 4, "cifar"), 10, mode, p, CPU)
-    return FinetuneTask(data, classifier, start, mode, p, STANDARDIZE, seed, steps, CPU, on_epoch=lambda row: None)
+    return FinetuneTask(data, classifier, start, mode, p, STANDARDIZE, seed, steps, CPU, on_epoch=on_epoch)
 
 
 def run(tmp_path, task, p):
@@ -61,6 +61,28 @@ def test_fine_tuning_learns_and_keeps_the_best_epoch(tmp_path):
     assert task.best_epoch == accuracies.index(max(accuracies)) + 1
     assert task.history[-1]["lr"] < 0.01 * p.lr  # the cosine schedule has annealed
     assert len(task.test_predictions(task_data()["val_x"])) == 60
+
+
+@pytest.mark.parametrize("mode, head_epochs", [("baseline", 0), ("ssl", 1), ("ssl", 2)])
+def test_the_one_classifier_compiles_where_the_budget_counts_it(tmp_path, monkeypatch, mode, head_epochs):
+    """torch.compile guards on train/eval: the classifier compiles in the first cell's first epoch and again in the
+    epoch its backbone unfreezes (head_epochs), never in a later cell, where the budget charges it."""
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))  # dynamo's graphs only
+    torch._dynamo.reset()
+    counters.clear()
+    p = finetune_params(tmp_path, **{"finetune.compile": True, "finetune.max_epochs": 3,
+                                     "finetune.head_epochs": head_epochs})
+    classifier = build_classifier(ResNet("resnet18", 4, "cifar"), 10, mode, p, CPU)
+    graphs = []  # dynamo's graphs so far, after each epoch of each cell
+    for cell in range(2):
+        task = make_task(mode, copy_of(ResNet("resnet18", 4, "cifar")), p, cell, classifier,
+                         on_epoch=lambda row: graphs.append(counters["stats"]["unique_graphs"]))
+        train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / f"ck{cell}.pt", {}), 100_000, mode)
+    # the epochs in which a graph was added: 0-2 are the first cell's, 3-5 the second's
+    compiled_in = [i for i, n in enumerate(graphs) if n > ([0] + graphs)[i]]
+    assert compiled_in == sorted(budget.finetune_compile_epochs(p)), graphs
 
 
 def test_linear_mode_trains_only_the_head(tmp_path):

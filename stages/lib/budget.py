@@ -70,20 +70,25 @@ def _pretrain(rates, s):
     return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
 
 
+def finetune_compile_epochs(p):
+    """The epochs of a finetune stage's first cell that compile its one classifier (p: FinetuneParams): the first,
+    and the one its backbone unfreezes in after head_epochs (torch.compile guards on train/eval; `linear` never
+    unfreezes it); later cells reuse both graphs."""
+    return {0, p.head_epochs} if p.compile else set()
+
+
 def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
-    images, train_s, checkpoints, first_cell = 0, 0.0, 0, True
-    # One classifier serves every cell: compiled in the first cell's first step, and again where its backbone
-    # unfreezes after head_epochs (torch.compile guards on train/eval; `linear` never unfreezes it).
-    compiles = {0} | ({p.head_epochs} if 0 < p.head_epochs < p.max_epochs else set())
+    images, train_s, checkpoints = 0, 0.0, 0
+    compile_epochs = finetune_compile_epochs(p)
     for fraction in s.fractions:
         steps = steps_per_epoch(pool, max(1, round(fraction * pool)), p.batch_size, p.equal_steps)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         for _ in range(s.seeds):
-            clock = [epoch_s + rates.compile_s * (p.compile and first_cell and epoch in compiles)
+            clock = [epoch_s + rates.compile_s * (epoch in compile_epochs)
                      for epoch in range(p.max_epochs)]  # a cell's run_epochs
-            first_cell = False
+            compile_epochs = set()  # later cells reuse its graphs
             images += p.max_epochs * steps * p.batch_size
             train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
             checkpoints += _checkpoints(clock, p.checkpoint_seconds)

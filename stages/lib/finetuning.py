@@ -29,7 +29,7 @@ def steps_per_epoch(pool, labeled, batch_size, equal_steps):
 
 
 def build_classifier(backbone, num_classes, mode, cfg, device):
-    """(model, module to train through) for every cell of a process: compiled once when asked.
+    """(model, module to train through) for every cell of a process: wrapped in torch.compile once when asked.
     `cfg` is params' FinetuneParams."""
     model = Classifier(backbone, num_classes)  # prepare_model moves it to the device
     if mode == "linear":

@@ -339,9 +339,9 @@ def run_epochs(task, epochs, checkpoint, checkpoint_seconds, label, checks_per_e
     end_epoch, restore, state). The host reads the device only about `checks_per_epoch` times an epoch (every
     steps_per_epoch // checks_per_epoch steps, and at the last: the NaN check, and the running loss when the
     progress bar is shown), so the GPU is never kept waiting between steps. A checkpoint is written at
-    the end of an epoch once `checkpoint_seconds` have passed since the last one on any rank (0: after every epoch
-    but the last), so its cost stays small. Under torchrun, every rank checks for a signal at the same steps, so
-    all stop together.
+    the end of an epoch once `checkpoint_seconds` have passed since the last one (or since this call began) on any
+    rank (0: after every epoch but the last), so its cost stays small. Under torchrun, every rank checks for a
+    signal at the same steps, so all stop together.
     """
     state, steps_per_epoch = checkpoint.load(), task.steps_per_epoch
     epoch, start_step, loss_sum = task.restore(state) if state else (0, 0, None)
