@@ -120,6 +120,17 @@ def truncated(path):
     return path
 
 
+def zip_headers(path, field, value):
+    """Set a zip's 2-byte field (flags or method) to value in every entry's local and central directory header."""
+    data = bytearray(path.read_bytes())
+    for signature, offsets in ((b"PK\x03\x04", {"flags": 6, "method": 8}), (b"PK\x01\x02", {"flags": 8, "method": 10})):
+        start = data.find(signature)
+        while start != -1:
+            data[start + offsets[field]:start + offsets[field] + 2] = value.to_bytes(2, "little")
+            start = data.find(signature, start + 1)
+    return write(path, bytes(data))
+
+
 def replace_image(root, rel, data):
     target = root / rel
     target.write_bytes(data)

@@ -12,6 +12,7 @@ from stages.lib.cli import UserError
 from tests.conftest import CLASSES, make_archive, png_bytes, prepared_split, save_data, synthetic_images
 from tests.faults import (
     IMAGE, empty_class, extra_class, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without, write,
+    zip_headers,
 )
 
 
@@ -27,6 +28,10 @@ DATA_CASES = [
     ("truncated-zip", lambda t: truncated(make_archive(tree(t), t / "c.zip")), ["c.zip", "truncated"]),
     ("random-bytes-tar-gz", lambda t: write(t / "c.tar.gz", os.urandom(4096)), ["c.tar.gz", "not a valid archive"]),
     ("text-as-zip", lambda t: write(t / "c.zip", b"hello, I am text\n"), ["c.zip", "not a valid archive"]),
+    ("encrypted-zip", lambda t: zip_headers(make_archive(tree(t), t / "c.zip"), "flags", 0x1),
+     ["c.zip", "cannot be read (it is encrypted)"]),
+    ("deflate64-zip", lambda t: zip_headers(make_archive(tree(t), t / "c.zip"), "method", 9),
+     ["c.zip", "cannot be read (That compression method is not supported)"]),
     ("unsupported-suffix", lambda t: make_archive(tree(t), t / "c.tar").rename(t / "c.rar"),
      ["c.rar", "not a directory or a .tar"]),
     ("empty-directory", lambda t: mkdir(t / "empty"), ["empty", "no images found"]),

@@ -47,6 +47,17 @@ def test_links_in_an_archive_read_as_their_targets_and_a_dangling_one_stops(tmp_
         sources.read_source(str(tmp_path / "dangle.tar.gz"), 24, 0.2, 7, tmp_path / "dl")
 
 
+def test_a_dangling_link_is_named_as_the_archive_s_other_files_are(tmp_path):
+    """In a `tar -C copy .` archive, whose names begin with ./, as a bad image's message names its file."""
+    root = numbered_flat_folder(tmp_path / "flat")
+    (root / "rose/soft.png").symlink_to("missing.png")
+    with tarfile.open(tmp_path / "dot.tgz", "w:gz") as archive:
+        archive.add(root, arcname=".")
+    with pytest.raises(UserError, match=r"dot.tgz: rose/soft\.png is a link to missing\.png, "
+                                        r".*\(none at rose/missing\.png\)$"):
+        sources.read_source(str(tmp_path / "dot.tgz"), 24, 0.2, 7, tmp_path / "dl")
+
+
 def test_a_dangling_link_the_copy_ignores_reads_as_the_folder_does(tmp_path):
     """A dangling link stops the stage only where an image is (one in a hidden folder or beside the classes is ignored);
     links in a `tar -C copy .` archive (./ names) to a link through ../ read as the folder's files."""

@@ -52,14 +52,14 @@ def _tar_files(path):
         if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
     for name, entry in stored.items():
-        if (reader := _link_reader(entry, stored, folders, path)) is not None:
+        if (reader := _link_reader(name, entry, stored, folders, path)) is not None:
             yield PurePosixPath(name), reader
 
 
-def _link_reader(entry, stored, folders, path):
-    """A stored entry's reader: a file's bytes, or a link's target's bytes through links to links, as a folder reads
-    it; None: a link to a folder the archive stores. A link to no file in the archive, or a loop of links, stops with
-    one line when read (naming where the chain breaks or loops), as a folder's does."""
+def _link_reader(name, entry, stored, folders, path):
+    """The reader of the entry stored as name (normalised): a file's bytes, or a link's target's bytes through links
+    to links, as a folder reads it; None: a link to a folder the archive stores. A link to no file in the archive, or a
+    loop of links, stops with one line when read (naming where the chain breaks or loops), as a folder's does."""
     link, seen = entry, set()
     while not isinstance(entry, bytes):
         folder = "" if entry.islnk() else posixpath.dirname(entry.name)  # a symbolic link's target is relative
@@ -68,7 +68,7 @@ def _link_reader(entry, stored, folders, path):
             return None
         if target in seen or target not in stored:
             why = f"a loop of links through {target}" if target in seen else f"none at {target}"
-            return partial(_dangling, f"data.source: {path}: {link.name} is a link to {link.linkname}, which is no "
+            return partial(_dangling, f"data.source: {path}: {name} is a link to {link.linkname}, which is no "
                                       f"file in the archive ({why})")
         seen.add(target)
         entry = stored[target]
@@ -87,5 +87,13 @@ def _zip_files(path):
             if info.is_dir():
                 yield PurePosixPath(name), None
             else:
-                data = archive.read(info)
+                data = _zip_read(archive, info, path)
                 yield PurePosixPath(name), (lambda data=data: data)
+
+
+def _zip_read(archive, info, path):
+    try:
+        return archive.read(info)
+    except RuntimeError as error:  # an encrypted entry, or NotImplementedError: a compression zipfile lacks
+        why = "it is encrypted" if info.flag_bits & 0x1 else error
+        raise UserError(f"data.source: {path}: {info.filename} cannot be read ({why})") from None
