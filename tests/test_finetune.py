@@ -7,9 +7,9 @@ import torch
 
 from stages import finetune as finetune_stage
 from stages.lib import params as params_lib
-from stages.lib import budget, splits, train
+from stages.lib import splits, train
 from stages.lib.cli import StageError, UserError
-from stages.lib.finetuning import FinetuneTask, build_classifier
+from stages.lib.finetuning import FinetuneTask, build_classifier, compile_epochs
 from stages.lib.models import ResNet, load_backbone, load_into, read_weights, save_backbone, save_backbones
 from tests.conftest import STANDARDIZE, finetune_argv, interrupt_steps, save_data, synthetic_images, write_params
 
@@ -66,7 +66,7 @@ def test_fine_tuning_learns_and_keeps_the_best_epoch(tmp_path):
 @pytest.mark.parametrize("mode, head_epochs", [("baseline", 0), ("ssl", 1), ("ssl", 2)])
 def test_the_one_classifier_compiles_where_the_budget_counts_it(tmp_path, monkeypatch, mode, head_epochs):
     """torch.compile guards on train/eval: the classifier compiles in the first cell's first epoch and again in the
-    epoch its backbone unfreezes (head_epochs), never in a later cell, where the budget charges it."""
+    epoch its backbone unfreezes (head_epochs), never in a later cell (its guards hold), where the budget charges it."""
     from torch._dynamo.utils import counters
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))  # dynamo's graphs only
@@ -82,7 +82,7 @@ def test_the_one_classifier_compiles_where_the_budget_counts_it(tmp_path, monkey
         train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / f"ck{cell}.pt", {}), 100_000, mode)
     # the epochs in which a graph was added: 0-2 are the first cell's, 3-5 the second's
     compiled_in = [i for i, n in enumerate(graphs) if n > ([0] + graphs)[i]]
-    assert compiled_in == sorted(budget.finetune_compile_epochs(p)), graphs
+    assert compiled_in == sorted(compile_epochs(p)), graphs
 
 
 def test_linear_mode_trains_only_the_head(tmp_path):

@@ -6,7 +6,7 @@ network and its expected seconds. Nothing here times anything; it only multiplie
 """
 from dataclasses import dataclass
 
-from stages.lib.finetuning import steps_per_epoch
+from stages.lib.finetuning import compile_epochs, steps_per_epoch
 from stages.lib.pretraining import knn_due
 
 
@@ -15,7 +15,7 @@ class Rates:
     """Throughputs and fixed costs of one machine [images/s or views/s, and seconds]."""
 
     train_views_per_s: float  # training step, forward + backward, per view (SimCLR and fine-tuning)
-    augment_views_per_s: float  # SimCLR augmentation, per view
+    augment_views_per_s: float  # SimCLR augmentation, per view (fine-tuning's crop and flip are not counted)
     infer_images_per_s: float  # eval-mode forward (kNN monitor, validation, test)
     decode_images_per_s: float  # the data stage's decoding of image files (a local copy's)
     stage_start_s: float  # one stage's start-up: Python, torch, MLflow, device
@@ -70,25 +70,18 @@ def _pretrain(rates, s):
     return {"stage": "pretrain", "images": views, "seconds": seconds, "note": note, "epoch_s": epoch_s}
 
 
-def finetune_compile_epochs(p):
-    """The epochs of a finetune stage's first cell that compile its one classifier (p: FinetuneParams): the first,
-    and the one its backbone unfreezes in after head_epochs (torch.compile guards on train/eval; `linear` never
-    unfreezes it); later cells reuse both graphs."""
-    return {0, p.head_epochs} if p.compile else set()
-
-
 def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
     images, train_s, checkpoints = 0, 0.0, 0
-    compile_epochs = finetune_compile_epochs(p)
+    compiled = compile_epochs(p)
     for fraction in s.fractions:
         steps = steps_per_epoch(pool, max(1, round(fraction * pool)), p.batch_size, p.equal_steps)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
         for _ in range(s.seeds):
-            clock = [epoch_s + rates.compile_s * (epoch in compile_epochs)
+            clock = [epoch_s + rates.compile_s * (epoch in compiled)
                      for epoch in range(p.max_epochs)]  # a cell's run_epochs
-            compile_epochs = set()  # later cells reuse its graphs
+            compiled = set()  # later cells reuse its graphs
             images += p.max_epochs * steps * p.batch_size
             train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
             checkpoints += _checkpoints(clock, p.checkpoint_seconds)

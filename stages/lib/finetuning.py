@@ -8,8 +8,8 @@ warm-up + cosine schedule that ends at `max_epochs`; the weights of the epoch wi
 accuracy are the ones kept.
 
 One classifier (and its compiled module) serves every cell of a process: `FinetuneTask` loads
-the cell's starting weights into it, so torch.compile runs once, not once per cell (twice with
-head_epochs, outside `linear`: it guards on train/eval, and the backbone unfreezes; later cells reuse both).
+the cell's starting weights into it. torch.compile compiles in the first cell only (`compile_epochs`);
+later cells meet the same guards and reuse its graphs from dynamo's cache (as a fresh classifier would).
 """
 import copy
 
@@ -26,6 +26,13 @@ from stages.lib.models import Classifier
 def steps_per_epoch(pool, labeled, batch_size, equal_steps):
     """A cell's steps an epoch: the labeled images' worth, or with equal_steps the whole pool's (every N as long)."""
     return max(1, (pool if equal_steps else labeled) // batch_size)
+
+
+def compile_epochs(cfg):
+    """The epochs of a process's first cell in which torch.compile compiles the classifier (`cfg`: FinetuneParams):
+    the first, and the one the backbone unfreezes in after head_epochs (torch.compile guards on train/eval; `linear`
+    never unfreezes it, which this rule does not know); later cells reuse both graphs."""
+    return {0, cfg.head_epochs} if cfg.compile else set()
 
 
 def build_classifier(backbone, num_classes, mode, cfg, device):
