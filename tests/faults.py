@@ -1,5 +1,6 @@
 """Helpers shared by the tests of bad input, faults and interruptions (tests/test_errors_*.py)."""
 import io
+import lzma
 import shutil
 from pathlib import Path
 
@@ -120,15 +121,30 @@ def truncated(path):
     return path
 
 
-def zip_headers(path, field, value):
-    """Set a zip's 2-byte field (flags or method) to value in every entry's local and central directory header."""
+def zip_headers(path, field, value, name=None):
+    """Set a zip's 2-byte field (flags, method or version needed) to value in the local and central directory headers
+    of every entry, or of the entry stored as name."""
     data = bytearray(path.read_bytes())
-    for signature, offsets in ((b"PK\x03\x04", {"flags": 6, "method": 8}), (b"PK\x01\x02", {"flags": 8, "method": 10})):
+    for signature, offsets in ((b"PK\x03\x04", {"version": 4, "flags": 6, "method": 8, "name": 30}),
+                               (b"PK\x01\x02", {"version": 6, "flags": 8, "method": 10, "name": 46})):
         start = data.find(signature)
         while start != -1:
-            data[start + offsets[field]:start + offsets[field] + 2] = value.to_bytes(2, "little")
+            if name is None or data[start + offsets["name"]:].startswith(name.encode()):
+                data[start + offsets[field]:start + offsets[field] + 2] = value.to_bytes(2, "little")
             start = data.find(signature, start + 1)
     return write(path, bytes(data))
+
+
+def flip_byte(path, offset):
+    """Invert the bits of one byte of a file (a negative offset counts from its end)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    return write(path, bytes(data))
+
+
+def xz_compressed(path):
+    """The file compressed with xz under its own name (tarfile reads a tar by its content, whatever its suffix)."""
+    return write(path, lzma.compress(path.read_bytes()))
 
 
 def replace_image(root, rel, data):

@@ -11,8 +11,8 @@ from stages.lib import sources
 from stages.lib.cli import UserError
 from tests.conftest import CLASSES, make_archive, png_bytes, prepared_split, save_data, synthetic_images
 from tests.faults import (
-    IMAGE, empty_class, extra_class, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without, write,
-    zip_headers,
+    IMAGE, empty_class, extra_class, flip_byte, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without,
+    write, xz_compressed, zip_headers,
 )
 
 
@@ -32,6 +32,12 @@ DATA_CASES = [
      ["c.zip", "cannot be read (it is encrypted)"]),
     ("deflate64-zip", lambda t: zip_headers(make_archive(tree(t), t / "c.zip"), "method", 9),
      ["c.zip", "cannot be read (That compression method is not supported)"]),
+    ("future-version-zip", lambda t: zip_headers(make_archive(tree(t), t / "c.zip"), "version", 107),
+     ["c.zip", "not a valid archive (zip file version 10.7)"]),
+    ("bad-crc-tar-gz", lambda t: flip_byte(make_archive(tree(t), t / "c.tar.gz"), -8),  # gzip's trailer: CRC-32
+     ["c.tar.gz", "not a valid archive (CRC check failed"]),
+    ("corrupt-xz-tar", lambda t: flip_byte(xz_compressed(make_archive(tree(t), t / "c.tar")), -40),
+     ["c.tar", "not a valid archive"]),
     ("unsupported-suffix", lambda t: make_archive(tree(t), t / "c.tar").rename(t / "c.rar"),
      ["c.rar", "not a directory or a .tar"]),
     ("empty-directory", lambda t: mkdir(t / "empty"), ["empty", "no images found"]),

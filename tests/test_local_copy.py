@@ -10,6 +10,7 @@ from PIL import Image
 from stages.lib import sources
 from stages.lib.cli import UserError
 from tests.conftest import make_archive
+from tests.faults import zip_headers
 from tests.test_sources import encode, numbered_flat_folder
 
 
@@ -138,3 +139,23 @@ def test_a_broken_chain_of_links_names_where_it_breaks(tmp_path):
     make_archive(root.parent, tmp_path / "chain.tar")
     with pytest.raises(UserError, match=r"daisy/x.png is a link to ../.cache/y.png, .*none at flowers/.cache/gone.png"):
         sources.read_source(str(tmp_path / "chain.tar"), 24, 0.2, 7, tmp_path / "dl")
+
+
+def test_an_unreadable_zip_entry_stops_where_an_image_is_named_as_the_archive_s_other_files_are(tmp_path):
+    """An encrypted entry stops with one line when read, as a dangling link does: one the copy ignores (__MACOSX/)
+    does not stop it, and one in a `zip -r . ` archive (./ names) is named by its normalised name."""
+    root = numbered_flat_folder(tmp_path / "flat")
+    (root / "__MACOSX/daisy").mkdir(parents=True)
+    (root / "__MACOSX/daisy/._000.png").write_bytes(b"resource fork")
+    archive_path = zip_headers(make_archive(root.parent, tmp_path / "mac.zip"), "flags", 0x1,
+                               name="flowers/__MACOSX/daisy/._000.png")
+    found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
+    expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
+    for got, want in zip(found.train + found.test, expected.train + expected.test):
+        np.testing.assert_array_equal(got, want)
+    with zipfile.ZipFile(tmp_path / "dot.zip", "w") as archive:
+        for path in sorted(root.rglob("*.png")):
+            archive.writestr(f"./{path.relative_to(root).as_posix()}", path.read_bytes())  # write() drops ./
+    zip_headers(tmp_path / "dot.zip", "flags", 0x1, name="./rose/010.png")
+    with pytest.raises(UserError, match=r"dot\.zip: rose/010\.png cannot be read \(it is encrypted\)$"):
+        sources.read_source(str(tmp_path / "dot.zip"), 24, 0.2, 7, tmp_path / "dl")

@@ -3,6 +3,7 @@
 Each is read as (relative posix path, reader): reader() gives the file's bytes, None marks a folder. An archive's
 bytes are read while it is open (its readers hold them); a folder's are read when asked.
 """
+import lzma
 import posixpath
 import tarfile
 import zipfile
@@ -27,7 +28,8 @@ def archive_files(path):
             yield from _zip_files(path)
         else:
             yield from _tar_files(path)
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+            NotImplementedError) as error:  # NotImplementedError: a zip of a version zipfile lacks
         detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
         raise UserError(f"data.source: {path} is truncated or not a valid archive ({detail})") from None
 
@@ -51,6 +53,8 @@ def _tar_files(path):
         archive.fileobj.seek(archive.offset)
         if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise tarfile.ReadError("it ends before its end-of-archive marker")
+        while archive.fileobj.read(1 << 20):  # to the stream's end: gzip and xz check their checksum there
+            pass
     for name, entry in stored.items():
         if (reader := _link_reader(name, entry, stored, folders, path)) is not None:
             yield PurePosixPath(name), reader
@@ -84,16 +88,15 @@ def _zip_files(path):
         # a name stored twice (zipfile's mode "a" appends one) reads as its last copy, as `unzip -o` leaves it;
         # names normalised as a tar's are (./a/b and a/b are one name)
         for name, info in {posixpath.normpath(info.filename): info for info in archive.infolist()}.items():
-            if info.is_dir():
-                yield PurePosixPath(name), None
-            else:
-                data = _zip_read(archive, info, path)
-                yield PurePosixPath(name), (lambda data=data: data)
+            yield PurePosixPath(name), (None if info.is_dir() else _zip_reader(archive, name, info, path))
 
 
-def _zip_read(archive, info, path):
+def _zip_reader(archive, name, info, path):
+    """The reader of the entry stored as name (normalised). One that zipfile cannot read (encrypted, or compressed in
+    a way it lacks) stops with one line when read, as a dangling link does: an ignored one (__MACOSX/) does not."""
     try:
-        return archive.read(info)
+        data = archive.read(info)
     except RuntimeError as error:  # an encrypted entry, or NotImplementedError: a compression zipfile lacks
         why = "it is encrypted" if info.flag_bits & 0x1 else error
-        raise UserError(f"data.source: {path}: {info.filename} cannot be read ({why})") from None
+        return partial(_dangling, f"data.source: {path}: {name} cannot be read ({why})")
+    return lambda: data
