@@ -83,6 +83,7 @@ def test_the_one_classifier_compiles_where_the_budget_counts_it(tmp_path, monkey
     # the epochs in which a graph was added: 0-2 are the first cell's, 3-5 the second's
     compiled_in = [i for i, n in enumerate(graphs) if n > ([0] + graphs)[i]]
     assert compiled_in == sorted(compile_epochs(p)), graphs
+    assert graphs[-1] == len(compile_epochs(p)), graphs  # one graph in each such epoch, as the budget charges one
 
 
 def test_linear_mode_trains_only_the_head(tmp_path):

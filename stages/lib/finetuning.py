@@ -10,6 +10,7 @@ accuracy are the ones kept.
 One classifier (and its compiled module) serves every cell of a process: `FinetuneTask` loads
 the cell's starting weights into it. torch.compile compiles in the first cell only (`compile_epochs`);
 later cells meet the same guards and reuse its graphs from dynamo's cache (as a fresh classifier would).
+A first cell resumed past head_epochs compiles only the unfrozen graph; the next cell compiles the frozen one.
 """
 import copy
 
