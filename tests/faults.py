@@ -135,6 +135,13 @@ def zip_headers(path, field, value, name=None):
     return write(path, bytes(data))
 
 
+def not_utf8_names(path):
+    """A zip whose names are flagged as UTF-8 (flags bit 11) but hold a byte UTF-8 has not (0xFF): as an archiver that
+    writes a local code page and sets the flag anyway leaves them."""
+    zip_headers(path, "flags", 0x800)
+    return write(path, path.read_bytes().replace(b".png", b".pn\xff"))
+
+
 def flip_byte(path, offset):
     """Invert the bits of one byte of a file (a negative offset counts from its end)."""
     data = bytearray(path.read_bytes())

@@ -11,8 +11,8 @@ from stages.lib import sources
 from stages.lib.cli import UserError
 from tests.conftest import CLASSES, make_archive, png_bytes, prepared_split, save_data, synthetic_images
 from tests.faults import (
-    IMAGE, empty_class, extra_class, flip_byte, jpeg_bytes, mkdir, replace_image, tree, truncated, two_trees, without,
-    write, xz_compressed, zip_headers,
+    IMAGE, empty_class, extra_class, flip_byte, jpeg_bytes, mkdir, not_utf8_names, replace_image, tree, truncated,
+    two_trees, without, write, xz_compressed, zip_headers,
 )
 
 
@@ -34,6 +34,8 @@ DATA_CASES = [
      ["c.zip", "cannot be read (That compression method is not supported)"]),
     ("future-version-zip", lambda t: zip_headers(make_archive(tree(t), t / "c.zip"), "version", 107),
      ["c.zip", "not a valid archive (zip file version 10.7)"]),
+    ("not-utf8-zip-names", lambda t: not_utf8_names(make_archive(tree(t), t / "c.zip")),
+     ["c.zip", "not a valid archive ('utf-8' codec can't decode byte 0xff"]),
     ("bad-crc-tar-gz", lambda t: flip_byte(make_archive(tree(t), t / "c.tar.gz"), -8),  # gzip's trailer: CRC-32
      ["c.tar.gz", "not a valid archive (CRC check failed"]),
     ("corrupt-xz-tar", lambda t: flip_byte(xz_compressed(make_archive(tree(t), t / "c.tar")), -40),

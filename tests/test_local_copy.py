@@ -149,6 +149,7 @@ def test_an_unreadable_zip_entry_stops_where_an_image_is_named_as_the_archive_s_
     (root / "__MACOSX/daisy/._000.png").write_bytes(b"resource fork")
     archive_path = zip_headers(make_archive(root.parent, tmp_path / "mac.zip"), "flags", 0x1,
                                name="flowers/__MACOSX/daisy/._000.png")
+    assert zipfile.ZipFile(archive_path).getinfo("flowers/__MACOSX/daisy/._000.png").flag_bits & 0x1  # encrypted
     found = sources.read_source(str(archive_path), 24, 0.2, 7, tmp_path / "dl")
     expected = sources.read_source(str(root), 24, 0.2, 7, tmp_path / "dl")
     for got, want in zip(found.train + found.test, expected.train + expected.test):

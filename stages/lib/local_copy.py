@@ -28,8 +28,9 @@ def archive_files(path):
             yield from _zip_files(path)
         else:
             yield from _tar_files(path)
+    # NotImplementedError: a zip of a version zipfile lacks; UnicodeDecodeError: a zip's name flagged UTF-8 is not
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
-            NotImplementedError) as error:  # NotImplementedError: a zip of a version zipfile lacks
+            NotImplementedError, UnicodeDecodeError) as error:
         detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
         raise UserError(f"data.source: {path} is truncated or not a valid archive ({detail})") from None
 
@@ -56,11 +57,11 @@ def _tar_files(path):
         while archive.fileobj.read(1 << 20):  # to the stream's end: gzip and xz check their checksum there
             pass
     for name, entry in stored.items():
-        if (reader := _link_reader(name, entry, stored, folders, path)) is not None:
+        if (reader := _tar_reader(name, entry, stored, folders, path)) is not None:
             yield PurePosixPath(name), reader
 
 
-def _link_reader(name, entry, stored, folders, path):
+def _tar_reader(name, entry, stored, folders, path):
     """The reader of the entry stored as name (normalised): a file's bytes, or a link's target's bytes through links
     to links, as a folder reads it; None: a link to a folder the archive stores. A link to no file in the archive, or a
     loop of links, stops with one line when read (naming where the chain breaks or loops), as a folder's does."""
