@@ -74,17 +74,15 @@ def _finetune(rates, s):
     """One finetune@<mode> stage: every fraction and seed of that mode."""
     p, pool = s.finetune, s.train_images - s.val_images
     images, train_s, checkpoints = 0, 0.0, 0
-    compiled = compile_epochs(p)
-    for fraction in s.fractions:
+    cells = [fraction for fraction in s.fractions for _ in range(s.seeds)]  # in finetune.run's order
+    for cell, fraction in enumerate(cells):
         steps = steps_per_epoch(pool, max(1, round(fraction * pool)), p.batch_size, p.equal_steps)
         epoch_s = steps * p.batch_size / rates.train_views_per_s + s.val_images / rates.infer_images_per_s
-        for _ in range(s.seeds):
-            clock = [epoch_s + rates.compile_s * (epoch in compiled)
-                     for epoch in range(p.max_epochs)]  # a cell's run_epochs
-            compiled = set()  # later cells reuse its graphs
-            images += p.max_epochs * steps * p.batch_size
-            train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
-            checkpoints += _checkpoints(clock, p.checkpoint_seconds)
+        compiled = compile_epochs(p) if cell == 0 else set()  # later cells reuse the first one's graphs
+        clock = [epoch_s + rates.compile_s * (epoch in compiled) for epoch in range(p.max_epochs)]  # its run_epochs
+        images += p.max_epochs * steps * p.batch_size
+        train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
+        checkpoints += _checkpoints(clock, p.checkpoint_seconds)
     seconds = rates.stage_start_s + train_s + checkpoints * rates.checkpoint_s
     note = (f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
