@@ -84,7 +84,7 @@ def _finetune(rates, s):
         train_s += sum(clock) + s.test_images / rates.infer_images_per_s  # epochs, then test
         checkpoints += _checkpoints(clock, p.checkpoint_seconds)
     seconds = rates.stage_start_s + train_s + checkpoints * rates.checkpoint_s
-    note = (f"{len(s.fractions) * s.seeds} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
+    note = (f"{len(cells)} cells x {p.max_epochs} epochs, {checkpoints} checkpoints"
             + (", compile" if p.compile else ""))
     return {"stage": "finetune (each mode)", "images": images, "seconds": seconds, "note": note}
 
