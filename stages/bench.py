@@ -174,7 +174,7 @@ def study_from(p, facts):
     images = facts.images
     return budget.Study(train_images=images["train"], unlabeled_images=facts.unlabeled, test_images=images["test"],
                         val_images=p.data.val_size, fractions=tuple(p.fraction), seeds=len(p.finetune.seeds),
-                        modes=len(p.finetune.modes), pretrain=p.pretrain, finetune=p.finetune)
+                        modes=tuple(p.finetune.modes), pretrain=p.pretrain, finetune=p.finetune)
 
 
 def full_epoch(task, device):

@@ -22,7 +22,7 @@ FINETUNE = SimpleNamespace(max_epochs=3, batch_size=100, equal_steps=True, check
 
 def test_budget_rows_are_worked_by_hand():
     study = budget.Study(train_images=1000, unlabeled_images=0, test_images=200, val_images=200,
-                         fractions=(1.0, 0.1), seeds=2, modes=2, pretrain=PRETRAIN, finetune=FINETUNE)
+                         fractions=(1.0, 0.1), seeds=2, modes=("baseline", "ssl"), pretrain=PRETRAIN, finetune=FINETUNE)
     rows, total = budget.study_budget(RATES, study)
     by_stage = {row["stage"]: row for row in rows}
     # data: 1,000 train + 200 test = 1,200 images decoded at 100/s + start-up.
@@ -78,7 +78,7 @@ def test_checkpoints_counted_as_run_epochs_saves_them(monkeypatch, epochs, epoch
     rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 2000 / epoch_s, "augment_views_per_s": float("inf"),
                             "infer_images_per_s": float("inf")})  # a kNN monitor of no time: see the test below
     pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": epochs, "checkpoint_seconds": checkpoint_seconds})
-    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, ("ssl",), pretrain, FINETUNE))
     row = next(r for r in rows if r["stage"] == "pretrain")  # 10 steps x 200 views an epoch, epoch_s seconds
     assert row["epoch_s"] == pytest.approx(epoch_s)
     assert f", {checkpoints} checkpoints" in row["note"]
@@ -111,7 +111,7 @@ def test_checkpoints_count_the_knn_and_compile_on_the_epochs_that_pay_them(
                             "infer_images_per_s": 1000 / 30})
     pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": len(epoch_seconds), "knn_every": knn_every,
                                   "checkpoint_seconds": checkpoint_seconds, "compile": compile_})
-    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, ("ssl",), pretrain, FINETUNE))
     row = next(r for r in rows if r["stage"] == "pretrain")
     assert f"kNN {knn_runs} x, {checkpoints} checkpoints" in row["note"]
     assert row["seconds"] == pytest.approx(5 + sum(epoch_seconds) + checkpoints * 1)
@@ -125,7 +125,7 @@ def test_finetune_checkpoints_counted_per_cell(checkpoint_seconds, checkpoints):
     # checkpoint_seconds 1: the first cell saves after epoch 1, the others after epoch 2, 1 a cell, 4 cells;
     # 2: only the first cell saves, after epoch 1 (none if the compile were left out of its clock).
     finetune = SimpleNamespace(**{**vars(FINETUNE), "checkpoint_seconds": checkpoint_seconds})
-    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, 1, PRETRAIN, finetune))
+    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, ("ssl",), PRETRAIN, finetune))
     row = next(r for r in rows if r["stage"].startswith("finetune"))
     assert f", {checkpoints} checkpoints" in row["note"]
     assert row["seconds"] == pytest.approx(5 + 30 + 9.6 + 1.6 + checkpoints * 1)
@@ -137,14 +137,33 @@ def test_finetune_compiles_again_where_the_backbone_unfreezes(head_epochs, compi
     # first cell compiles again (30 s) after head_epochs (2: in its last epoch), unless the backbone stays frozen all
     # 3 epochs (params refuses that; the budget still counts one compile). test_finetune measures where it compiles.
     finetune = SimpleNamespace(**{**vars(FINETUNE), "head_epochs": head_epochs, "checkpoint_seconds": 1000.0})
-    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, 1, PRETRAIN, finetune))
+    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, ("ssl",), PRETRAIN, finetune))
     row = next(r for r in rows if r["stage"].startswith("finetune"))
     assert row["seconds"] == pytest.approx(5 + compiles * 30 + 11.2)
 
 
+@pytest.mark.parametrize("modes, compiles", [(("linear",), 1), (("baseline", "linear"), 3)])
+def test_linear_compiles_once_as_its_backbone_never_unfreezes(modes, compiles):
+    # The cells above with head_epochs 1: baseline compiles again in epoch 1 (30 s), linear's backbone stays frozen.
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "head_epochs": 1, "checkpoint_seconds": 1000.0})
+    rows, _ = budget.study_budget(RATES, budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, modes, PRETRAIN, finetune))
+    row = next(r for r in rows if r["stage"].startswith("finetune"))
+    assert row["seconds"] == pytest.approx(len(modes) * (5 + 11.2) + compiles * 30)
+
+
+def test_a_note_per_mode_where_the_modes_differ():
+    # First cell's epochs (0.8 s of steps + 0.1 s validation, 30 s more where it compiles), a checkpoint once 30.5 s
+    # have passed: baseline [30.9, 30.9, 0.9] saves 2, linear [30.9, 0.9, 0.9] 1; later cells' 1.8 s save none.
+    finetune = SimpleNamespace(**{**vars(FINETUNE), "head_epochs": 1, "checkpoint_seconds": 30.5})
+    study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 2, ("baseline", "linear"), PRETRAIN, finetune)
+    row = next(r for r in budget.study_budget(RATES, study)[0] if r["stage"].startswith("finetune"))
+    assert row["note"] == ("baseline: 4 cells x 3 epochs, 2 checkpoints, compile; "
+                           "linear: 4 cells x 3 epochs, 1 checkpoints, compile")
+
+
 def test_fewer_images_than_a_batch_take_no_pretraining_time_and_no_checkpoint():
     # 50 images, batch 100: no SimCLR step (the pretrain stage refuses this study; bench still prints its budget)
-    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, 1, PRETRAIN, FINETUNE))
+    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, ("ssl",), PRETRAIN, FINETUNE))
     row = next(r for r in rows if r["stage"] == "pretrain")
     assert row["epoch_s"] == 0 and ", 0 checkpoints" in row["note"]
 
@@ -156,19 +175,19 @@ def test_pretrain_checkpoints_are_due_on_run_epochs_clock_knn_monitor_included()
     rates = budget.Rates(**{**vars(RATES), "train_views_per_s": 200, "augment_views_per_s": float("inf"),
                             "infer_images_per_s": 1000 / 6})
     pretrain = SimpleNamespace(**{**vars(PRETRAIN), "epochs": 10, "knn_every": 1, "checkpoint_seconds": 15.0})
-    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, 1, pretrain, FINETUNE))
+    rows, _ = budget.study_budget(rates, budget.Study(1000, 0, 200, 200, (1.0,), 1, ("ssl",), pretrain, FINETUNE))
     assert ", 9 checkpoints" in next(r for r in rows if r["stage"] == "pretrain")["note"]
 
 
 def test_checkpoint_seconds_0_saves_after_every_epoch_but_the_last_even_of_no_steps():
     pretrain = SimpleNamespace(**{**vars(PRETRAIN), "checkpoint_seconds": 0.0})  # 4 epochs; 50 images, batch 100
-    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, 1, pretrain, FINETUNE))
+    rows, _ = budget.study_budget(RATES, budget.Study(50, 0, 20, 20, (1.0,), 1, ("ssl",), pretrain, FINETUNE))
     assert ", 3 checkpoints" in next(r for r in rows if r["stage"] == "pretrain")["note"]
 
 
 def test_fewer_labels_train_fewer_steps_without_equal_steps():
     finetune = SimpleNamespace(**{**vars(FINETUNE), "equal_steps": False})
-    study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, 1, PRETRAIN, finetune)
+    study = budget.Study(1000, 0, 200, 200, (1.0, 0.1), 1, ("ssl",), PRETRAIN, finetune)
     rows, _ = budget.study_budget(RATES, study)
     # 800 and 80 labeled images: 8 steps and max(1, 0) = 1 step of 100 per epoch, 3 epochs.
     assert next(r for r in rows if r["stage"].startswith("finetune"))["images"] == (8 + 1) * 3 * 100

@@ -29,11 +29,19 @@ def steps_per_epoch(pool, labeled, batch_size, equal_steps):
     return max(1, (pool if equal_steps else labeled) // batch_size)
 
 
-def compile_epochs(cfg):
+def backbone_frozen(mode, head_epochs, epoch):
+    """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""
+    return mode == "linear" or epoch < head_epochs
+
+
+def compile_epochs(mode, cfg):
     """The epochs of a process's first cell in which torch.compile compiles the classifier (`cfg`: FinetuneParams):
-    the first, and the one the backbone unfreezes in after head_epochs (torch.compile guards on train/eval; `linear`
-    never unfreezes it, which this rule does not know); later cells reuse both graphs."""
-    return {0, cfg.head_epochs} if cfg.compile else set()
+    the first, and each in which the backbone freezes or unfreezes (torch.compile guards on train/eval: for
+    baseline and ssl the epoch head_epochs, when > 0; never for `linear`); later cells reuse these graphs."""
+    if not cfg.compile:
+        return set()
+    frozen = [backbone_frozen(mode, cfg.head_epochs, epoch) for epoch in range(cfg.max_epochs)]
+    return {0} | {epoch for epoch in range(1, cfg.max_epochs) if frozen[epoch] != frozen[epoch - 1]}
 
 
 def build_classifier(backbone, num_classes, mode, cfg, device):
@@ -78,8 +86,7 @@ class FinetuneTask(train.Task):
         return labeled[torch.cat(orders)[:needed]]  # (steps_per_epoch * images_per_step,)
 
     def head_only(self, epoch):
-        """True while the backbone stays frozen: always in `linear` mode, else the first head_epochs."""
-        return self.mode == "linear" or epoch < self.cfg.head_epochs
+        return backbone_frozen(self.mode, self.cfg.head_epochs, epoch)
 
     def start_epoch(self, epoch, fresh):
         self.model.train()
