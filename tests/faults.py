@@ -129,7 +129,7 @@ def zip_headers(path, field, value, name=None):
                                (b"PK\x01\x02", {"version": 6, "flags": 8, "method": 10, "name": 46})):
         start = data.find(signature)
         while start != -1:
-            if name is None or data[start + offsets["name"]:].startswith(name.encode()):
+            if name is None or data.startswith(name.encode(), start + offsets["name"]):
                 data[start + offsets[field]:start + offsets[field] + 2] = value.to_bytes(2, "little")
             start = data.find(signature, start + 1)
     return write(path, bytes(data))
