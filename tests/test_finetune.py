@@ -122,6 +122,25 @@ def test_head_epochs_freeze_the_backbone_then_release_it(tmp_path):
     assert not torch.equal(task.model.backbone.stem[0].weight, before["stem.0.weight"])
 
 
+@pytest.mark.parametrize("mode, head_epochs, fresh_momentum", [("ssl", 1, [0, 0, 1]), ("ssl", 0, [0, 1, 1]),
+                                                              ("linear", 1, [0, 0, 0])])
+def test_the_backbone_starts_training_without_the_head_epochs_momentum(tmp_path, mode, head_epochs, fresh_momentum):
+    """Head-only epochs still build the backbone's momentum (its gradients flow at lr 0); the epoch where the backbone
+    unfreezes drops it, so training starts from none. Per epoch: 1 where every backbone parameter has momentum as
+    the epoch starts, 0 where none has (`linear` never trains its backbone)."""
+    p = finetune_params(tmp_path, **{"finetune.max_epochs": 3, "finetune.head_epochs": head_epochs})
+    task = make_task(mode, copy_of(ResNet("resnet18", 4, "cifar")), p)
+    params, start_epoch, found = list(task.model.backbone.parameters()), task.start_epoch, []
+
+    def start_and_count(epoch, fresh):
+        start_epoch(epoch, fresh)
+        found.append(sum(param in task.optimizer.state for param in params) / len(params))
+
+    task.start_epoch = start_and_count
+    train.run_epochs(task, p.max_epochs, train.Checkpoint(tmp_path / "m.pt", {}), 100_000, mode)
+    assert found == fresh_momentum
+
+
 @pytest.mark.parametrize("interrupt, error, message", [
     ({"stop_at": (0, 4)}, StageError, "stopped by SIGINT at epoch 1, step 5"),
     ({"stop_at": (1, 1)}, StageError, "stopped by SIGINT at epoch 2, step 2"),

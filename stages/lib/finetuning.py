@@ -91,12 +91,13 @@ class FinetuneTask(train.Task):
     def start_epoch(self, epoch, fresh):
         self.model.train()
         frozen = self.head_only(epoch)
+        unfreezes = epoch > 0 and self.head_only(epoch - 1) and not frozen  # the backbone starts training
         if frozen:
             self.model.backbone.eval()  # frozen: BatchNorm statistics stay as they started
         for group in self.optimizer.param_groups:
             if group["part"] == "backbone":
                 group["lr_scale"] = 0.0 if frozen else self.cfg.backbone_lr_scale  # set_lr applies it
-                if fresh and epoch == self.cfg.head_epochs > 0:  # the backbone starts training: no stale momentum
+                if fresh and unfreezes:  # no stale momentum from the head-only epochs
                     for param in group["params"]:  # (a resume keeps the momentum its checkpoint restored)
                         self.optimizer.state.pop(param, None)
 
