@@ -34,14 +34,19 @@ def backbone_frozen(mode, head_epochs, epoch):
     return mode == "linear" or epoch < head_epochs
 
 
+def backbone_unfreezes(mode, head_epochs, epoch):
+    """True in the epoch the backbone starts training: frozen in the epoch before, not in this one (the rule above
+    never freezes it again; `linear` never unfreezes it)."""
+    return epoch > 0 and backbone_frozen(mode, head_epochs, epoch - 1) and not backbone_frozen(mode, head_epochs, epoch)
+
+
 def compile_epochs(mode, cfg):
     """The epochs of a process's first cell in which torch.compile compiles the classifier (`cfg`: FinetuneParams):
-    the first, and each in which the backbone freezes or unfreezes (torch.compile guards on train/eval: for
-    baseline and ssl the epoch head_epochs, when > 0; never for `linear`); later cells reuse these graphs."""
+    the first, and the one in which the backbone unfreezes (torch.compile guards on train/eval: for baseline and ssl
+    the epoch head_epochs, when > 0; never for `linear`); later cells reuse these graphs."""
     if not cfg.compile:
         return set()
-    frozen = [backbone_frozen(mode, cfg.head_epochs, epoch) for epoch in range(cfg.max_epochs)]
-    return {0} | {epoch for epoch in range(1, cfg.max_epochs) if frozen[epoch] != frozen[epoch - 1]}
+    return {0} | {epoch for epoch in range(cfg.max_epochs) if backbone_unfreezes(mode, cfg.head_epochs, epoch)}
 
 
 def build_classifier(backbone, num_classes, mode, cfg, device):
@@ -91,13 +96,12 @@ class FinetuneTask(train.Task):
     def start_epoch(self, epoch, fresh):
         self.model.train()
         frozen = self.head_only(epoch)
-        unfreezes = epoch > 0 and self.head_only(epoch - 1) and not frozen  # the backbone starts training
         if frozen:
             self.model.backbone.eval()  # frozen: BatchNorm statistics stay as they started
         for group in self.optimizer.param_groups:
             if group["part"] == "backbone":
                 group["lr_scale"] = 0.0 if frozen else self.cfg.backbone_lr_scale  # set_lr applies it
-                if fresh and unfreezes:  # no stale momentum from the head-only epochs
+                if fresh and backbone_unfreezes(self.mode, self.cfg.head_epochs, epoch):  # no stale momentum
                     for param in group["params"]:  # (a resume keeps the momentum its checkpoint restored)
                         self.optimizer.state.pop(param, None)
 
